@@ -1,0 +1,122 @@
+//! Request bodies, read completely by Rust before the app runs, so no Ruby
+//! thread ever waits on the network holding the GVL. Small bodies stay in
+//! memory; past a threshold they spill to an unlinked temporary file.
+
+use std::fs::File;
+use std::io::{self, Seek, SeekFrom, Write};
+
+use bytes::{Bytes, BytesMut};
+use http_body::Body;
+use http_body_util::BodyExt;
+
+/// Bodies up to this size stay in memory (Puma's threshold is 112 KiB).
+pub const DEFAULT_MEMORY_LIMIT: usize = 1024 * 1024;
+
+#[derive(Debug)]
+pub enum RequestBody {
+    Empty,
+    Memory(Bytes),
+    /// Positioned at the start; `len` bytes long.
+    File { file: File, len: u64 },
+}
+
+impl RequestBody {
+    pub fn len(&self) -> u64 {
+        match self {
+            RequestBody::Empty => 0,
+            RequestBody::Memory(bytes) => bytes.len() as u64,
+            RequestBody::File { len, .. } => *len,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Debug)]
+pub enum BodyError {
+    /// The client sent a malformed body or went away mid-body.
+    Client(String),
+    /// The temporary file could not be written.
+    Spill(io::Error),
+}
+
+/// Reads `body` to its end, keeping up to `memory_limit` bytes in memory.
+pub async fn read_body<B>(mut body: B, memory_limit: usize) -> Result<RequestBody, BodyError>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
+    if body.is_end_stream() {
+        return Ok(RequestBody::Empty);
+    }
+    let mut memory = BytesMut::new();
+    let mut spilled: Option<(File, u64)> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| BodyError::Client(e.to_string()))?;
+        let Ok(data) = frame.into_data() else {
+            continue; // trailers carry no body bytes
+        };
+        match spilled.as_mut() {
+            Some((file, len)) => {
+                // A blocking write to an unlinked temp file lands in the page
+                // cache; it is short, and cheaper than a spawn_blocking hop.
+                file.write_all(&data).map_err(BodyError::Spill)?;
+                *len += data.len() as u64;
+            }
+            None if memory.len() + data.len() > memory_limit => {
+                let mut file = tempfile::tempfile().map_err(BodyError::Spill)?;
+                file.write_all(&memory).map_err(BodyError::Spill)?;
+                file.write_all(&data).map_err(BodyError::Spill)?;
+                spilled = Some((file, (memory.len() + data.len()) as u64));
+                memory = BytesMut::new();
+            }
+            None => memory.extend_from_slice(&data),
+        }
+    }
+    match spilled {
+        Some((mut file, len)) => {
+            file.seek(SeekFrom::Start(0)).map_err(BodyError::Spill)?;
+            Ok(RequestBody::File { file, len })
+        }
+        None if memory.is_empty() => Ok(RequestBody::Empty),
+        None => Ok(RequestBody::Memory(memory.freeze())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{Full, StreamBody};
+    use std::io::Read;
+
+    fn chunks(parts: Vec<&'static [u8]>) -> impl Body<Data = Bytes, Error = io::Error> + Unpin {
+        let frames = parts
+            .into_iter()
+            .map(|p| Ok::<_, io::Error>(http_body::Frame::data(Bytes::from_static(p))));
+        StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    #[tokio::test]
+    async fn small_bodies_stay_in_memory() {
+        let body = read_body(Full::new(Bytes::from_static(b"hello")), 16).await.unwrap();
+        assert!(matches!(body, RequestBody::Memory(ref b) if &b[..] == b"hello"));
+        let empty = read_body(Full::new(Bytes::new()), 16).await.unwrap();
+        assert!(matches!(empty, RequestBody::Empty));
+    }
+
+    #[tokio::test]
+    async fn large_bodies_spill_to_a_rewound_file() {
+        let body = read_body(chunks(vec![b"0123456789", b"abcdefghij", b"XYZ"]), 12)
+            .await
+            .unwrap();
+        let RequestBody::File { mut file, len } = body else {
+            panic!("expected a spilled body, got {body:?}");
+        };
+        assert_eq!(len, 23);
+        let mut text = String::new();
+        file.read_to_string(&mut text).unwrap();
+        assert_eq!(text, "0123456789abcdefghijXYZ");
+    }
+}

@@ -1,0 +1,20 @@
+//! Hyperion's Rust core: sockets, HTTP/1.1 (hyper), request bodies and the
+//! queue that feeds Ruby threads. Everything outside `ruby/` is plain Rust that
+//! `cargo test` exercises without a Ruby VM; `ruby/` is the thin magnus layer
+//! that exposes `Hyperion::Worker` (built with `--features ruby`).
+
+pub mod body;
+pub mod error;
+pub mod h2_settings;
+pub mod host;
+pub mod listener;
+pub mod logging;
+pub mod queue;
+pub mod request;
+pub mod response;
+pub mod server;
+pub mod stop;
+pub mod wait;
+
+#[cfg(feature = "ruby")]
+mod ruby;

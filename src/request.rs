@@ -1,0 +1,51 @@
+//! What crosses from the tokio side to a Ruby thread: plain Rust data only.
+
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use crate::body::RequestBody;
+use crate::response::AppResponse;
+
+/// Facts about the listener a request arrived on, shared by all requests.
+#[derive(Debug)]
+pub struct ServerInfo {
+    /// "http" (or "https" once TLS lands).
+    pub scheme: &'static str,
+    /// Bound host as it appears in SERVER_NAME (IPv6 in brackets).
+    pub host: String,
+    pub port: u16,
+}
+
+impl ServerInfo {
+    pub fn default_port(&self) -> u16 {
+        if self.scheme == "https" {
+            443
+        } else {
+            80
+        }
+    }
+}
+
+/// A fully read request, ready for the Rack env.
+#[derive(Debug)]
+pub struct RequestData {
+    pub head: http::request::Parts,
+    pub body: RequestBody,
+    /// The peer's IP address; "127.0.0.1" for unix-socket peers, as Puma does.
+    pub remote_addr: Arc<str>,
+    pub server: Arc<ServerInfo>,
+}
+
+impl RequestData {
+    pub fn is_head(&self) -> bool {
+        self.head.method == http::Method::HEAD
+    }
+}
+
+/// A request waiting for a Ruby thread, and where to send the answer.
+#[derive(Debug)]
+pub struct Job {
+    pub request: RequestData,
+    pub reply: oneshot::Sender<AppResponse>,
+}

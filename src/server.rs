@@ -1,0 +1,356 @@
+//! The accept loop and per-request handling on the tokio side. Tokio threads
+//! never touch Ruby: they read the request (head and body), queue a `Job` for
+//! the Ruby threads and write back whatever `AppResponse` comes out.
+
+use std::convert::Infallible;
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::runtime::{Handle, Runtime};
+use tokio::sync::{oneshot, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::{timeout, timeout_at, Instant};
+use tracing::{debug, error, warn};
+
+use crate::body::{read_body, BodyError};
+use crate::error::Error;
+use crate::listener::{AsyncListener, Listener};
+use crate::queue::{JobQueue, PushError};
+use crate::request::{Job, RequestData, ServerInfo};
+use crate::response::{plain_response, ResponseBody};
+use crate::stop::StopSignal;
+
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Time allowed for a request head to arrive.
+    pub read_timeout: Duration,
+    /// Time allowed for a whole request (head and body).
+    pub max_request_read: Duration,
+    /// How long a stop waits for in-flight requests before giving up.
+    pub graceful_timeout: Duration,
+    /// Request bodies up to this size stay in memory.
+    pub body_memory_limit: usize,
+    /// Tokio worker threads for socket I/O.
+    pub io_threads: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            read_timeout: Duration::from_secs(30),
+            max_request_read: Duration::from_secs(60),
+            graceful_timeout: Duration::from_secs(30),
+            body_memory_limit: crate::body::DEFAULT_MEMORY_LIMIT,
+            io_threads: 1,
+        }
+    }
+}
+
+/// State shared by the tokio side and the Ruby threads.
+pub struct Shared {
+    pub queue: JobQueue<Job>,
+    pub stop: StopSignal,
+    pub options: ServerOptions,
+}
+
+impl Shared {
+    pub fn new(options: ServerOptions, max_pending: Option<usize>) -> Arc<Self> {
+        Arc::new(Self {
+            queue: JobQueue::new(max_pending),
+            stop: StopSignal::default(),
+            options,
+        })
+    }
+}
+
+/// A running accept loop on its own tokio runtime.
+pub struct Server {
+    runtime: Runtime,
+    accept_loop: JoinHandle<()>,
+}
+
+impl Server {
+    /// Starts the runtime and the accept loop. Must run after any fork: the
+    /// runtime's threads exist only in the process that calls this.
+    pub fn start(listener: Listener, info: ServerInfo, shared: Arc<Shared>) -> Result<Server, Error> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(shared.options.io_threads.max(1))
+            .thread_name("hyperion-io")
+            .enable_all()
+            .build()
+            .map_err(Error::Runtime)?;
+        let listener = {
+            let _entered = runtime.enter();
+            listener.into_async().map_err(Error::Runtime)?
+        };
+        let accept_loop = runtime.spawn(accept_loop(listener, Arc::new(info), shared));
+        Ok(Server {
+            runtime,
+            accept_loop,
+        })
+    }
+
+    pub fn handle(&self) -> &Handle {
+        self.runtime.handle()
+    }
+
+    /// Blocks until the accept loop has stopped and drained (after a stop was
+    /// requested). Returns false if `cancel` was notified first.
+    pub fn wait_stopped(&mut self, cancel: &Notify) -> bool {
+        let accept_loop = &mut self.accept_loop;
+        self.runtime.block_on(async {
+            tokio::select! {
+                _ = accept_loop => true,
+                _ = cancel.notified() => false,
+            }
+        })
+    }
+
+    /// Stops the runtime; connections still open are dropped.
+    pub fn shutdown(self) {
+        self.accept_loop.abort();
+        self.runtime.shutdown_timeout(Duration::from_secs(1));
+    }
+}
+
+async fn accept_loop(listener: AsyncListener, info: Arc<ServerInfo>, shared: Arc<Shared>) {
+    let graceful = GracefulShutdown::new();
+    let stopped = shared.stop.stopped();
+    tokio::pin!(stopped);
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            _ = &mut stopped => break,
+            accepted = accept(&listener) => accepted,
+        };
+        match accepted {
+            Ok(Accepted::Tcp(stream, remote)) => {
+                // Responses are written whole or in large chunks; Nagle only adds latency.
+                let _ = stream.set_nodelay(true);
+                serve_connection(stream, remote, &info, &shared, &graceful);
+            }
+            Ok(Accepted::Unix(stream)) => {
+                serve_connection(stream, Arc::from("127.0.0.1"), &info, &shared, &graceful)
+            }
+            Err(e) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+    drop(listener);
+    if timeout(shared.options.graceful_timeout, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!(
+            seconds = shared.options.graceful_timeout.as_secs_f64(),
+            "graceful timeout reached; closing the remaining connections"
+        );
+    }
+}
+
+enum Accepted {
+    Tcp(tokio::net::TcpStream, Arc<str>),
+    Unix(tokio::net::UnixStream),
+}
+
+async fn accept(listener: &AsyncListener) -> io::Result<Accepted> {
+    match listener {
+        AsyncListener::Tcp(l) => {
+            let (stream, peer) = l.accept().await?;
+            Ok(Accepted::Tcp(stream, Arc::from(peer.ip().to_string())))
+        }
+        AsyncListener::Unix(l) => Ok(Accepted::Unix(l.accept().await?.0)),
+    }
+}
+
+fn serve_connection<S>(
+    stream: S,
+    remote_addr: Arc<str>,
+    info: &Arc<ServerInfo>,
+    shared: &Arc<Shared>,
+    graceful: &GracefulShutdown,
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (info, shared_for_service) = (info.clone(), shared.clone());
+    let service = service_fn(move |request| {
+        handle_request(
+            request,
+            remote_addr.clone(),
+            info.clone(),
+            shared_for_service.clone(),
+        )
+    });
+    let connection = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(shared.options.read_timeout)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(stream), service);
+    let connection = graceful.watch(connection);
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            debug!(error = %e, "connection ended with an error");
+        }
+    });
+}
+
+async fn handle_request(
+    request: Request<Incoming>,
+    remote_addr: Arc<str>,
+    server: Arc<ServerInfo>,
+    shared: Arc<Shared>,
+) -> Result<Response<ResponseBody>, Infallible> {
+    let deadline = Instant::now() + shared.options.max_request_read;
+    let (head, body) = request.into_parts();
+    let body = match timeout_at(deadline, read_body(body, shared.options.body_memory_limit)).await {
+        Ok(Ok(body)) => body,
+        Ok(Err(BodyError::Client(e))) => {
+            debug!(error = %e, "bad request body");
+            return Ok(plain_response(StatusCode::BAD_REQUEST, true));
+        }
+        Ok(Err(BodyError::Spill(e))) => {
+            error!(error = %e, "could not buffer the request body to a temporary file");
+            return Ok(plain_response(StatusCode::INTERNAL_SERVER_ERROR, true));
+        }
+        Err(_) => return Ok(plain_response(StatusCode::REQUEST_TIMEOUT, true)),
+    };
+    let (reply, response) = oneshot::channel();
+    let job = Job {
+        request: RequestData {
+            head,
+            body,
+            remote_addr,
+            server,
+        },
+        reply,
+    };
+    match shared.queue.push(job) {
+        Ok(()) => {}
+        Err(PushError::Full(_)) => {
+            return Ok(plain_response(StatusCode::SERVICE_UNAVAILABLE, false));
+        }
+        Err(PushError::Closed(_)) => {
+            return Ok(plain_response(StatusCode::SERVICE_UNAVAILABLE, true));
+        }
+    }
+    Ok(match response.await {
+        Ok(app_response) => app_response.into_http(),
+        // The job was dropped unanswered: the worker is shutting down.
+        Err(_) => plain_response(StatusCode::SERVICE_UNAVAILABLE, true),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::Pop;
+    use crate::response::AppResponse;
+    use bytes::Bytes;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+    use std::sync::atomic::AtomicBool;
+
+    /// Starts a server whose "app" (a plain thread standing in for Ruby)
+    /// answers with the method, path and body length it saw.
+    fn echo_server() -> (Server, Arc<Shared>, u16, std::thread::JoinHandle<()>) {
+        let listener = Listener::bind_reuseport("127.0.0.1", 0).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let shared = Shared::new(ServerOptions::default(), None);
+        let info = ServerInfo {
+            scheme: "http",
+            host: "127.0.0.1".into(),
+            port,
+        };
+        let server = Server::start(listener, info, shared.clone()).unwrap();
+        let consumer = {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                let flag = AtomicBool::new(false);
+                while let Pop::Job(job) = shared.queue.pop(&flag) {
+                    let text = format!(
+                        "{} {} {}",
+                        job.request.head.method,
+                        job.request.head.uri,
+                        job.request.body.len()
+                    );
+                    let _ = job.reply.send(AppResponse {
+                        status: StatusCode::OK,
+                        headers: Default::default(),
+                        body: ResponseBody::from_chunks(vec![Bytes::from(text)]),
+                    });
+                }
+            })
+        };
+        (server, shared, port, consumer)
+    }
+
+    fn exchange(port: u16, raw: &[u8]) -> String {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        stream.write_all(raw).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .unwrap();
+        let mut out = String::new();
+        let _ = stream.read_to_string(&mut out);
+        out
+    }
+
+    #[test]
+    fn pipelined_requests_and_chunked_bodies_are_answered_in_order() {
+        let (mut server, shared, port, consumer) = echo_server();
+        let out = exchange(
+            port,
+            b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n\
+              POST /b HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n\
+              GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        let bodies: Vec<&str> = out
+            .split("\r\n\r\n")
+            .skip(1)
+            .map(|rest| rest.split("HTTP/1.1").next().unwrap())
+            .collect();
+        assert_eq!(bodies, vec!["GET /a 0", "POST /b 5", "GET /c 0"], "{out}");
+        assert!(out.contains("date: "), "hyper adds a Date header: {out}");
+        shared.stop.stop();
+        assert!(server.wait_stopped(&Notify::new()));
+        shared.queue.close();
+        consumer.join().unwrap();
+        server.shutdown();
+    }
+
+    #[test]
+    fn a_full_queue_answers_503_with_retry_after() {
+        let listener = Listener::bind_reuseport("127.0.0.1", 0).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let shared = Shared::new(ServerOptions::default(), Some(1));
+        let info = ServerInfo {
+            scheme: "http",
+            host: "127.0.0.1".into(),
+            port,
+        };
+        let server = Server::start(listener, info, shared.clone()).unwrap();
+        // No consumer: the first request fills the queue, the second is refused.
+        let mut first = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        first.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        while shared.queue.is_empty() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let out = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+        assert!(out.contains("retry-after: 1"), "{out}");
+        drop(first);
+        shared.stop.stop();
+        server.shutdown();
+    }
+}
