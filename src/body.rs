@@ -17,7 +17,10 @@ pub enum RequestBody {
     Empty,
     Memory(Bytes),
     /// Positioned at the start; `len` bytes long.
-    File { file: File, len: u64 },
+    File {
+        file: File,
+        len: u64,
+    },
 }
 
 impl RequestBody {
@@ -100,7 +103,9 @@ mod tests {
 
     #[tokio::test]
     async fn small_bodies_stay_in_memory() {
-        let body = read_body(Full::new(Bytes::from_static(b"hello")), 16).await.unwrap();
+        let body = read_body(Full::new(Bytes::from_static(b"hello")), 16)
+            .await
+            .unwrap();
         assert!(matches!(body, RequestBody::Memory(ref b) if &b[..] == b"hello"));
         let empty = read_body(Full::new(Bytes::new()), 16).await.unwrap();
         assert!(matches!(empty, RequestBody::Empty));

@@ -92,13 +92,19 @@ mod tests {
     #[test]
     fn header_keys() {
         assert_eq!(env_header_key("content-type"), EnvHeaderKey::ContentType);
-        assert_eq!(env_header_key("content-length"), EnvHeaderKey::ContentLength);
+        assert_eq!(
+            env_header_key("content-length"),
+            EnvHeaderKey::ContentLength
+        );
         assert_eq!(
             env_header_key("x-forwarded-for"),
             EnvHeaderKey::Http("HTTP_X_FORWARDED_FOR".into())
         );
         assert_eq!(env_header_key("x_forwarded_for"), EnvHeaderKey::Dropped);
-        assert_eq!(env_header_key("host"), EnvHeaderKey::Http("HTTP_HOST".into()));
+        assert_eq!(
+            env_header_key("host"),
+            EnvHeaderKey::Http("HTTP_HOST".into())
+        );
     }
 
     #[test]

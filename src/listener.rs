@@ -102,7 +102,9 @@ impl Listener {
         } else if local.as_socket().is_some() {
             Ok(Listener::Tcp(TcpListener::from(socket)))
         } else {
-            Err(Error::Listener(format!("fd {fd} is neither a TCP nor a unix socket")))
+            Err(Error::Listener(format!(
+                "fd {fd} is neither a TCP nor a unix socket"
+            )))
         }
     }
 
@@ -136,7 +138,11 @@ impl Listener {
 }
 
 fn bind_one(address: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(address), Type::STREAM, Some(Protocol::TCP))?;
+    let socket = Socket::new(
+        Domain::for_address(address),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )?;
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
     if address.is_ipv6() {
@@ -181,12 +187,18 @@ mod tests {
     fn adopt_accepts_listeners_and_refuses_other_fds() {
         let tcp = TcpListener::bind("127.0.0.1:0").unwrap();
         let adopted = Listener::adopt(tcp.as_raw_fd()).unwrap();
-        assert_eq!(adopted.local_addr().unwrap(), BoundAddr::Tcp(tcp.local_addr().unwrap()));
+        assert_eq!(
+            adopted.local_addr().unwrap(),
+            BoundAddr::Tcp(tcp.local_addr().unwrap())
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s.sock");
         let unix = UnixListener::bind(&path).unwrap();
-        assert!(matches!(Listener::adopt(unix.as_raw_fd()).unwrap(), Listener::Unix(_)));
+        assert!(matches!(
+            Listener::adopt(unix.as_raw_fd()).unwrap(),
+            Listener::Unix(_)
+        ));
 
         let file = tempfile::tempfile().unwrap();
         assert!(Listener::adopt(file.as_raw_fd()).is_err());

@@ -51,8 +51,14 @@ impl std::error::Error for StreamAborted {}
 
 pub enum ResponseBody {
     Empty,
-    Chunks { chunks: VecDeque<Bytes>, remaining: u64 },
-    Stream { chunks: mpsc::Receiver<Bytes>, aborted: Arc<AtomicBool> },
+    Chunks {
+        chunks: VecDeque<Bytes>,
+        remaining: u64,
+    },
+    Stream {
+        chunks: mpsc::Receiver<Bytes>,
+        aborted: Arc<AtomicBool>,
+    },
 }
 
 impl fmt::Debug for ResponseBody {
@@ -82,7 +88,13 @@ impl ResponseBody {
             chunks: tx,
             aborted: aborted.clone(),
         };
-        (sender, ResponseBody::Stream { chunks: rx, aborted })
+        (
+            sender,
+            ResponseBody::Stream {
+                chunks: rx,
+                aborted,
+            },
+        )
     }
 }
 
@@ -157,7 +169,12 @@ impl BodySender {
 
     /// Blocks the calling (non-runtime) thread until the chunk is queued, the
     /// client goes away, or `cancel` is notified.
-    pub fn send_blocking(&self, runtime: &Handle, chunk: Bytes, cancel: &Notify) -> Result<(), SendError> {
+    pub fn send_blocking(
+        &self,
+        runtime: &Handle,
+        chunk: Bytes,
+        cancel: &Notify,
+    ) -> Result<(), SendError> {
         runtime.block_on(async {
             tokio::select! {
                 permit = self.chunks.reserve() => match permit {
@@ -179,20 +196,28 @@ impl BodySender {
     }
 }
 
-/// A short plain-text answer the server gives on its own (500, 503, 408...).
+impl AppResponse {
+    /// A short plain-text answer the server gives on its own (500, 503, 408...).
+    pub fn plain(status: StatusCode, close: bool) -> Self {
+        let text = format!("{}\n", status.canonical_reason().unwrap_or("Error"));
+        let mut headers = HeaderMap::new();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        if close {
+            headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        AppResponse {
+            status,
+            headers,
+            body: ResponseBody::from_chunks(vec![Bytes::from(text)]),
+        }
+    }
+}
+
 pub fn plain_response(status: StatusCode, close: bool) -> Response<ResponseBody> {
-    let text = format!("{}\n", status.canonical_reason().unwrap_or("Error"));
-    let mut response = Response::new(ResponseBody::from_chunks(vec![Bytes::from(text)]));
-    *response.status_mut() = status;
-    let headers = response.headers_mut();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
-    if close {
-        headers.insert(CONNECTION, HeaderValue::from_static("close"));
-    }
-    if status == StatusCode::SERVICE_UNAVAILABLE {
-        headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    response
+    AppResponse::plain(status, close).into_http()
 }
 
 #[cfg(test)]
@@ -202,14 +227,20 @@ mod tests {
 
     #[tokio::test]
     async fn chunks_report_exact_length() {
-        let body = ResponseBody::from_chunks(vec![Bytes::from_static(b"ab"), Bytes::new(), Bytes::from_static(b"c")]);
+        let body = ResponseBody::from_chunks(vec![
+            Bytes::from_static(b"ab"),
+            Bytes::new(),
+            Bytes::from_static(b"c"),
+        ]);
         assert_eq!(body.size_hint().exact(), Some(3));
         assert_eq!(&body.collect().await.unwrap().to_bytes()[..], b"abc");
     }
 
     #[test]
     fn stream_delivers_then_aborts() {
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let (sender, body) = ResponseBody::channel();
         sender.try_send(Bytes::from_static(b"one")).unwrap();
         sender
@@ -218,20 +249,34 @@ mod tests {
         sender.abort();
         let mut body = body;
         runtime.block_on(async {
-            assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "one");
-            assert_eq!(body.frame().await.unwrap().unwrap().into_data().unwrap(), "two");
-            assert!(body.frame().await.unwrap().is_err(), "abort surfaces as an error");
+            assert_eq!(
+                body.frame().await.unwrap().unwrap().into_data().unwrap(),
+                "one"
+            );
+            assert_eq!(
+                body.frame().await.unwrap().unwrap().into_data().unwrap(),
+                "two"
+            );
+            assert!(
+                body.frame().await.unwrap().is_err(),
+                "abort surfaces as an error"
+            );
         });
     }
 
     #[test]
     fn blocked_send_is_cancellable_and_sees_closed_receivers() {
-        let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
         let (sender, body) = ResponseBody::channel();
         for _ in 0..STREAM_CAPACITY {
             sender.try_send(Bytes::from_static(b"x")).unwrap();
         }
-        assert!(matches!(sender.try_send(Bytes::from_static(b"y")), Err(Ok(_))));
+        assert!(matches!(
+            sender.try_send(Bytes::from_static(b"y")),
+            Err(Ok(_))
+        ));
         let cancel = Notify::new();
         cancel.notify_one();
         assert!(matches!(

@@ -80,7 +80,11 @@ pub struct Server {
 impl Server {
     /// Starts the runtime and the accept loop. Must run after any fork: the
     /// runtime's threads exist only in the process that calls this.
-    pub fn start(listener: Listener, info: ServerInfo, shared: Arc<Shared>) -> Result<Server, Error> {
+    pub fn start(
+        listener: Listener,
+        info: ServerInfo,
+        shared: Arc<Shared>,
+    ) -> Result<Server, Error> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(shared.options.io_threads.max(1))
             .thread_name("hyperion-io")
@@ -342,11 +346,16 @@ mod tests {
         let server = Server::start(listener, info, shared.clone()).unwrap();
         // No consumer: the first request fills the queue, the second is refused.
         let mut first = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        first.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+        first
+            .write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
         while shared.queue.is_empty() {
             std::thread::sleep(Duration::from_millis(5));
         }
-        let out = exchange(port, b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        let out = exchange(
+            port,
+            b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
         assert!(out.starts_with("HTTP/1.1 503"), "{out}");
         assert!(out.contains("retry-after: 1"), "{out}");
         drop(first);

@@ -32,7 +32,9 @@ impl<S> WaitCell<S> {
     /// Locks the state. A poisoned lock is recovered: the guarded states are
     /// plain data that a panicking holder cannot leave half-updated.
     pub fn lock(&self) -> MutexGuard<'_, S> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Runs `update` under the lock, then wakes one waiter or all of them.

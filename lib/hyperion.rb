@@ -1,0 +1,13 @@
+# frozen_string_literal: true
+
+require "stringio"
+require "hyperion/version"
+require "hyperion/errors"
+require "hyperion/null_input"
+require "hyperion/config"
+
+begin
+  require "hyperion/hyperion_native"
+rescue LoadError => e
+  raise LoadError, "hyperion's native extension is not built (#{e.message}); run `bin/setup` or `rake compile`", cause: nil
+end

@@ -1,0 +1,16 @@
+# frozen_string_literal: true
+
+module Hyperion
+  # Base class of every error Hyperion raises on purpose.
+  class Error < StandardError; end
+
+  # The listening address could not be bound (in use, no permission...).
+  class BindError < Error; end
+
+  # A configuration or command-line value that cannot work.
+  class ConfigError < Error; end
+
+  # Raised inside a streaming body's #each when the client has gone away, so
+  # the iteration stops; the server catches it.
+  class ClientDisconnected < Error; end
+end

@@ -1,0 +1,195 @@
+//! Builds a fresh Rack env Hash per request: the superset that Rack 2.2 and
+//! Rack 3 apps both accept (see the README's env table).
+
+use std::os::fd::IntoRawFd;
+
+use http::{HeaderMap, Method, Version};
+use magnus::prelude::*;
+use magnus::value::{Lazy, ReprValue};
+use magnus::{Error, IntoValue, RHash, RString, Ruby, Value};
+
+use super::keys::*;
+use crate::body::RequestBody;
+use crate::host::{env_header_key, server_name_and_port, EnvHeaderKey};
+use crate::request::RequestData;
+
+/// Per-worker values that every env carries.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EnvFlags {
+    pub multithread: bool,
+    pub multiprocess: bool,
+}
+
+pub(crate) fn build_env(
+    ruby: &Ruby,
+    request: RequestData,
+    flags: EnvFlags,
+) -> Result<RHash, Error> {
+    let RequestData {
+        head,
+        body,
+        remote_addr,
+        server,
+    } = request;
+    let env = ruby.hash_new();
+    let set = |key: &Lazy<RString>, value: Value| env.aset(ruby.get_inner(key), value);
+    let bytes = |b: &[u8]| ruby.str_from_slice(b).as_value();
+
+    set(&REQUEST_METHOD, method_value(ruby, &head.method))?;
+    set(&SCRIPT_NAME, ruby.get_inner(&EMPTY).as_value())?;
+    let path = if head.uri.path().is_empty() {
+        "/"
+    } else {
+        head.uri.path()
+    };
+    set(&PATH_INFO, bytes(path.as_bytes()))?;
+    set(&REQUEST_PATH, bytes(path.as_bytes()))?;
+    set(
+        &QUERY_STRING,
+        bytes(head.uri.query().unwrap_or("").as_bytes()),
+    )?;
+    let target = head
+        .uri
+        .path_and_query()
+        .map(|pq| pq.as_str())
+        .unwrap_or(path);
+    set(&REQUEST_URI, bytes(target.as_bytes()))?;
+    set(&SERVER_PROTOCOL, protocol_value(ruby, head.version))?;
+    set(&SERVER_SOFTWARE, ruby.get_inner(&SOFTWARE).as_value())?;
+    set(&REMOTE_ADDR, bytes(remote_addr.as_bytes()))?;
+
+    let authority = head
+        .headers
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| head.uri.authority().map(|a| a.as_str()));
+    let (name, port) =
+        server_name_and_port(authority, server.default_port(), &server.host, server.port);
+    set(&SERVER_NAME, bytes(name.as_bytes()))?;
+    set(&SERVER_PORT, bytes(port.as_bytes()))?;
+
+    set_headers(ruby, env, &head.headers, &body)?;
+
+    set(
+        &RACK_VERSION,
+        ruby.get_inner(&RACK_VERSION_VALUE).as_value(),
+    )?;
+    let scheme = if server.scheme == "https" {
+        &HTTPS
+    } else {
+        &HTTP
+    };
+    set(&RACK_URL_SCHEME, ruby.get_inner(scheme).as_value())?;
+    set(&RACK_INPUT, input_value(ruby, body)?)?;
+    set(&RACK_ERRORS, stderr(ruby))?;
+    set(&RACK_MULTITHREAD, flags.multithread.into_value_with(ruby))?;
+    set(&RACK_MULTIPROCESS, flags.multiprocess.into_value_with(ruby))?;
+    set(&RACK_RUN_ONCE, ruby.qfalse().as_value())?;
+    set(&RACK_HIJACK_P, ruby.qfalse().as_value())?;
+    Ok(env)
+}
+
+fn method_value(ruby: &Ruby, method: &Method) -> Value {
+    let interned = match *method {
+        Method::GET => &GET,
+        Method::POST => &POST,
+        Method::HEAD => &HEAD,
+        _ => return ruby.str_new(method.as_str()).as_value(),
+    };
+    ruby.get_inner(interned).as_value()
+}
+
+fn protocol_value(ruby: &Ruby, version: Version) -> Value {
+    let interned = match version {
+        Version::HTTP_10 => &HTTP_VERSION_1_0,
+        Version::HTTP_2 => &HTTP_VERSION_2,
+        _ => &HTTP_VERSION_1_1,
+    };
+    ruby.get_inner(interned).as_value()
+}
+
+/// Interned keys for the most common headers, so they are not rebuilt per request.
+fn common_header_key(name: &str) -> Option<&'static Lazy<RString>> {
+    Some(match name {
+        "host" => &HTTP_HOST,
+        "user-agent" => &HTTP_USER_AGENT,
+        "accept" => &HTTP_ACCEPT,
+        "accept-encoding" => &HTTP_ACCEPT_ENCODING,
+        "accept-language" => &HTTP_ACCEPT_LANGUAGE,
+        "connection" => &HTTP_CONNECTION,
+        "cookie" => &HTTP_COOKIE,
+        _ => return None,
+    })
+}
+
+fn set_headers(
+    ruby: &Ruby,
+    env: RHash,
+    headers: &HeaderMap,
+    body: &RequestBody,
+) -> Result<(), Error> {
+    let mut content_length_seen = false;
+    for name in headers.keys() {
+        let key: Value = match common_header_key(name.as_str()) {
+            Some(key) => ruby.get_inner(key).as_value(),
+            None => match env_header_key(name.as_str()) {
+                EnvHeaderKey::ContentType => ruby.get_inner(&CONTENT_TYPE).as_value(),
+                EnvHeaderKey::ContentLength => {
+                    content_length_seen = true;
+                    ruby.get_inner(&CONTENT_LENGTH).as_value()
+                }
+                EnvHeaderKey::Http(key) => ruby.str_new(&key).as_value(),
+                EnvHeaderKey::Dropped => continue,
+            },
+        };
+        // Repeated fields are joined as RFC 9110 says; cookies use "; ".
+        let separator: &[u8] = if name == http::header::COOKIE {
+            b"; "
+        } else {
+            b", "
+        };
+        let mut values = headers.get_all(name).iter();
+        let value = ruby.str_from_slice(values.next().map(|v| v.as_bytes()).unwrap_or_default());
+        for more in values {
+            value.cat(separator);
+            value.cat(more.as_bytes());
+        }
+        env.aset(key, value)?;
+    }
+    // A chunked body was read whole, so its length is known: give it to the
+    // app as Puma does (and drop the now-meaningless transfer coding).
+    if !content_length_seen && !body.is_empty() {
+        env.aset(
+            ruby.get_inner(&CONTENT_LENGTH),
+            ruby.str_new(&body.len().to_string()),
+        )?;
+        env.delete::<_, Value>(ruby.str_new("HTTP_TRANSFER_ENCODING"))?;
+    }
+    Ok(())
+}
+
+/// rack.input: a shared empty reader, a binary StringIO, or the spilled
+/// temporary file (opened binary, positioned at the start).
+fn input_value(ruby: &Ruby, body: RequestBody) -> Result<Value, Error> {
+    match body {
+        RequestBody::Empty => Ok(ruby.get_inner(&NULL_INPUT)),
+        RequestBody::Memory(bytes) => ruby
+            .get_inner(&STRING_IO)
+            .new_instance((ruby.str_from_slice(&bytes),)),
+        RequestBody::File { file, .. } => {
+            // The File object takes ownership of the descriptor (autoclose).
+            let fd = file.into_raw_fd();
+            ruby.get_inner(&FILE).funcall("for_fd", (fd, "rb"))
+        }
+    }
+}
+
+fn stderr(ruby: &Ruby) -> Value {
+    // SAFETY: rb_gv_get is called with the GVL held and a NUL-terminated name;
+    // reading $stderr cannot raise.
+    let raw = unsafe { rb_sys::rb_gv_get(c"$stderr".as_ptr()) };
+    // SAFETY: rb_gv_get returns a live VALUE, now on this thread's stack.
+    let value = unsafe { <Value as magnus::rb_sys::FromRawValue>::from_raw(raw) };
+    let _ = ruby;
+    value
+}

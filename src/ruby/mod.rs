@@ -1,0 +1,19 @@
+//! Ruby bindings (magnus). One file per concern; no server logic lives here.
+
+mod app_thread;
+mod env;
+mod errors;
+mod keys;
+mod nogvl;
+mod options;
+mod response;
+mod worker;
+
+use magnus::{Error, Ruby};
+
+#[magnus::init(name = "hyperion_native")]
+fn init(ruby: &Ruby) -> Result<(), Error> {
+    keys::check_constants(ruby)?;
+    let module = ruby.define_module("Hyperion")?;
+    worker::init(ruby, module)
+}

@@ -1,0 +1,152 @@
+//! `Worker.new` keyword validation. Every message names the keyword.
+
+use std::time::Duration;
+
+use magnus::prelude::*;
+use magnus::{Error, Float, Integer, RHash, RString, Ruby, Symbol, Value};
+
+use super::errors::class_of;
+use crate::h2_settings::H2Settings;
+
+/// `tls:` as given; certificates are loaded when TLS lands.
+#[derive(Debug, Clone)]
+#[allow(dead_code)]
+pub(crate) struct TlsFiles {
+    pub cert: String,
+    pub key: String,
+}
+
+pub(crate) fn type_error(ruby: &Ruby, key: &str, expected: &str, got: Value) -> Error {
+    Error::new(
+        ruby.exception_type_error(),
+        format!("{key}: expected {expected}, got {}", class_of(got)),
+    )
+}
+
+fn arg_error(ruby: &Ruby, message: String) -> Error {
+    Error::new(ruby.exception_arg_error(), message)
+}
+
+pub(crate) fn integer(
+    ruby: &Ruby,
+    key: &str,
+    value: Value,
+    min: i64,
+    max: i64,
+) -> Result<i64, Error> {
+    let n = Integer::from_value(value)
+        .ok_or_else(|| type_error(ruby, key, "an Integer", value))?
+        .to_i64()?;
+    if !(min..=max).contains(&n) {
+        return Err(arg_error(
+            ruby,
+            format!("{key}: must be between {min} and {max}, got {n}"),
+        ));
+    }
+    Ok(n)
+}
+
+pub(crate) fn optional_integer(
+    ruby: &Ruby,
+    key: &str,
+    value: Option<Value>,
+    min: i64,
+    max: i64,
+) -> Result<Option<i64>, Error> {
+    match value {
+        Some(v) if !v.is_nil() => integer(ruby, key, v, min, max).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// A positive number of seconds (Integer or Float).
+pub(crate) fn seconds(ruby: &Ruby, key: &str, value: Value) -> Result<Duration, Error> {
+    let secs = if let Some(i) = Integer::from_value(value) {
+        i.to_i64()? as f64
+    } else if let Some(f) = Float::from_value(value) {
+        f.to_f64()
+    } else {
+        return Err(type_error(ruby, key, "a number of seconds", value));
+    };
+    if !(secs > 0.0 && secs.is_finite() && secs <= 86_400.0 * 365.0) {
+        return Err(arg_error(
+            ruby,
+            format!("{key}: must be a positive number of seconds, got {secs}"),
+        ));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+pub(crate) fn string(ruby: &Ruby, key: &str, value: Value) -> Result<String, Error> {
+    RString::from_value(value)
+        .ok_or_else(|| type_error(ruby, key, "a String", value))?
+        .to_string()
+}
+
+pub(crate) fn boolean(ruby: &Ruby, key: &str, value: Option<Value>) -> Result<Option<bool>, Error> {
+    match value {
+        None => Ok(None),
+        Some(v) if v.is_nil() => Ok(None),
+        Some(v) if v.is_kind_of(ruby.class_true_class()) => Ok(Some(true)),
+        Some(v) if v.is_kind_of(ruby.class_false_class()) => Ok(Some(false)),
+        Some(v) => Err(type_error(ruby, key, "true, false or nil", v)),
+    }
+}
+
+/// Keys of an options Hash as strings (Symbol or String keys accepted).
+fn hash_entries(ruby: &Ruby, key: &str, value: Value) -> Result<Vec<(String, Value)>, Error> {
+    let hash = RHash::from_value(value).ok_or_else(|| type_error(ruby, key, "a Hash", value))?;
+    let mut entries = Vec::new();
+    hash.foreach(|name: Value, v: Value| {
+        let name = if let Some(sym) = Symbol::from_value(name) {
+            sym.name()?.into_owned()
+        } else {
+            string(ruby, key, name)?
+        };
+        entries.push((name, v));
+        Ok(magnus::r_hash::ForEach::Continue)
+    })?;
+    Ok(entries)
+}
+
+pub(crate) fn tls(ruby: &Ruby, value: Option<Value>) -> Result<Option<TlsFiles>, Error> {
+    let Some(value) = value.filter(|v| !v.is_nil()) else {
+        return Ok(None);
+    };
+    let (mut cert, mut key) = (None, None);
+    for (name, v) in hash_entries(ruby, "tls", value)? {
+        match name.as_str() {
+            "cert" => cert = Some(string(ruby, "tls: cert", v)?),
+            "key" => key = Some(string(ruby, "tls: key", v)?),
+            other => {
+                return Err(arg_error(
+                    ruby,
+                    format!("tls: unknown key :{other} (known: :cert, :key)"),
+                ))
+            }
+        }
+    }
+    match (cert, key) {
+        (Some(cert), Some(key)) => Ok(Some(TlsFiles { cert, key })),
+        (None, _) => Err(arg_error(
+            ruby,
+            "tls: :cert is missing (give the PEM certificate path)".into(),
+        )),
+        (_, None) => Err(arg_error(
+            ruby,
+            "tls: :key is missing (give the PEM private key path)".into(),
+        )),
+    }
+}
+
+pub(crate) fn h2_settings(ruby: &Ruby, value: Option<Value>) -> Result<Option<H2Settings>, Error> {
+    let Some(value) = value.filter(|v| !v.is_nil()) else {
+        return Ok(None);
+    };
+    let mut settings = H2Settings::default();
+    for (name, v) in hash_entries(ruby, "h2_settings", value)? {
+        let n = integer(ruby, &format!("h2_settings: {name}"), v, i64::MIN, i64::MAX)?;
+        settings.set(&name, n).map_err(|m| arg_error(ruby, m))?;
+    }
+    Ok(Some(settings))
+}

@@ -1,0 +1,383 @@
+//! Turns a Rack response triple into an `AppResponse` for the tokio side.
+//! Whatever happens, the body's `close` is called exactly once.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::header::{HeaderName, HeaderValue};
+use http::{HeaderMap, StatusCode};
+use magnus::prelude::*;
+use magnus::r_hash::ForEach;
+use magnus::{Error, Integer, RArray, RHash, RString, Ruby, Symbol, TryConvert, Value};
+use tokio::sync::{oneshot, Notify};
+
+use super::errors::{class_of, log_exception, CLIENT_DISCONNECTED};
+use super::nogvl::wait_interruptibly;
+use crate::response::{AppResponse, BodySender, ResponseBody, SendError};
+
+/// Where the response goes, and what the tokio side needs to stream it.
+pub(crate) struct Reply<'a> {
+    pub sender: oneshot::Sender<AppResponse>,
+    pub runtime: &'a tokio::runtime::Handle,
+    /// HEAD: headers only, the body is closed without being iterated.
+    pub head_only: bool,
+}
+
+/// A Rack response that breaks the SPEC, answered with 500.
+struct Invalid(String);
+
+/// Sends the app's response (or a 500 if it is not valid Rack), then closes
+/// the body.
+pub(crate) fn respond(ruby: &Ruby, rack_response: Value, reply: Reply<'_>) {
+    let triple = match RArray::try_convert(rack_response) {
+        Ok(triple) if triple.len() == 3 => triple,
+        _ => {
+            let message = format!(
+                "app returned {}, expected [status, headers, body]",
+                class_of(rack_response)
+            );
+            return send_error(reply.sender, &message);
+        }
+    };
+    let (status, headers, body) = match (triple.entry(0), triple.entry(1), triple.entry(2)) {
+        (Ok(s), Ok(h), Ok(b)) => (s, h, b),
+        _ => return send_error(reply.sender, "app returned an unreadable response array"),
+    };
+    let head =
+        convert_status(status).and_then(|status| Ok((status, convert_headers(ruby, headers)?)));
+    match head {
+        Ok((status, headers)) => send_body(ruby, status, headers, body, reply),
+        Err(Invalid(message)) => send_error(reply.sender, &message),
+    }
+    close_body(body);
+}
+
+fn send_error(sender: oneshot::Sender<AppResponse>, message: &str) {
+    tracing::error!("invalid Rack response: {message}");
+    let _ = sender.send(AppResponse::plain(StatusCode::INTERNAL_SERVER_ERROR, false));
+}
+
+fn close_body(body: Value) {
+    if body.respond_to("close", false).unwrap_or(false) {
+        if let Err(e) = body.funcall::<_, _, Value>("close", ()) {
+            log_exception("response body #close raised", &e);
+        }
+    }
+}
+
+fn convert_status(status: Value) -> Result<StatusCode, Invalid> {
+    let code = Integer::from_value(status)
+        .and_then(|i| i.to_u16().ok())
+        .ok_or_else(|| {
+            Invalid(format!(
+                "status must be an Integer, got {}",
+                class_of(status)
+            ))
+        })?;
+    StatusCode::from_u16(code)
+        .ok()
+        .filter(|s| s.as_u16() >= 100)
+        .ok_or_else(|| Invalid(format!("status {code} is out of range")))
+}
+
+fn convert_headers(ruby: &Ruby, headers: Value) -> Result<HeaderMap, Invalid> {
+    let mut map = HeaderMap::new();
+    let mut problem = None;
+    let mut add = |name: Value, value: Value| match add_header(&mut map, name, value) {
+        Ok(()) => ForEach::Continue,
+        Err(invalid) => {
+            problem = Some(invalid);
+            ForEach::Stop
+        }
+    };
+    let iterated = if let Some(hash) = RHash::from_value(headers) {
+        hash.foreach(|name: Value, value: Value| Ok(add(name, value)))
+    } else if headers.respond_to("each", false).unwrap_or(false) {
+        // Rack 2 allows any object whose #each yields pairs.
+        let pairs = headers
+            .funcall::<_, _, Value>("to_a", ())
+            .and_then(RArray::try_convert);
+        match pairs {
+            Ok(pairs) => array_items(pairs).try_for_each(|pair| {
+                let pair = RArray::try_convert(pair?)?;
+                if let ForEach::Stop = add(pair.entry(0)?, pair.entry(1)?) {
+                    return Err(Error::new(
+                        ruby.exception_stop_iteration(),
+                        "invalid header",
+                    ));
+                }
+                Ok(())
+            }),
+            Err(e) => Err(e),
+        }
+    } else {
+        return Err(Invalid(format!(
+            "headers must be a Hash (or respond to #each), got {}",
+            class_of(headers)
+        )));
+    };
+    if let Some(invalid) = problem {
+        return Err(invalid);
+    }
+    iterated.map_err(|e| Invalid(format!("headers could not be iterated: {e}")))?;
+    Ok(map)
+}
+
+fn add_header(map: &mut HeaderMap, name: Value, value: Value) -> Result<(), Invalid> {
+    let Some(name) = RString::from_value(name) else {
+        return Err(Invalid(format!(
+            "header name must be a String, got {}",
+            class_of(name)
+        )));
+    };
+    // SAFETY: the slice is copied into a HeaderName before any Ruby code runs.
+    let name_bytes = unsafe { name.as_slice() }.to_vec();
+    let lowered = name_bytes.to_ascii_lowercase();
+    if lowered.starts_with(b"rack.") || lowered == b"status" {
+        return Ok(());
+    }
+    let header = HeaderName::from_bytes(&name_bytes).map_err(|_| {
+        Invalid(format!(
+            "header name {:?} is not a valid token",
+            String::from_utf8_lossy(&name_bytes)
+        ))
+    })?;
+    let mut lines = Vec::new();
+    collect_header_lines(&header, value, &mut lines)?;
+    for line in lines {
+        let value = HeaderValue::from_maybe_shared(line).map_err(|_| {
+            Invalid(format!(
+                "header {header} has a value with CR, NUL or another control character"
+            ))
+        })?;
+        map.append(header.clone(), value);
+    }
+    Ok(())
+}
+
+/// String values are split on "\n" (Rack 2's multi-value form); Arrays give
+/// one line per element; Integers and Symbols are written with `to_s`, as
+/// Puma does; nil adds nothing.
+fn collect_header_lines(
+    header: &HeaderName,
+    value: Value,
+    lines: &mut Vec<Bytes>,
+) -> Result<(), Invalid> {
+    if value.is_nil() {
+        return Ok(());
+    }
+    if let Some(text) = RString::from_value(value) {
+        // SAFETY: copied out before any Ruby code runs.
+        let bytes = unsafe { text.as_slice() };
+        lines.extend(bytes.split(|&b| b == b'\n').map(Bytes::copy_from_slice));
+        return Ok(());
+    }
+    if let Some(array) = RArray::from_value(value) {
+        for item in array_items(array) {
+            let item = item.map_err(|e| Invalid(e.to_string()))?;
+            if RArray::from_value(item).is_some() {
+                return Err(Invalid(format!("header {header} has a nested Array value")));
+            }
+            collect_header_lines(header, item, lines)?;
+        }
+        return Ok(());
+    }
+    if Integer::from_value(value).is_some() || Symbol::from_value(value).is_some() {
+        let text: String = value
+            .funcall("to_s", ())
+            .map_err(|e| Invalid(e.to_string()))?;
+        lines.push(Bytes::from(text));
+        return Ok(());
+    }
+    Err(Invalid(format!(
+        "header {header} must be a String or an Array of Strings, got {}",
+        class_of(value)
+    )))
+}
+
+fn chunk_bytes(chunk: Value) -> Result<Bytes, Invalid> {
+    let text = RString::from_value(chunk).ok_or_else(|| {
+        Invalid(format!(
+            "body yielded a {}, expected String chunks",
+            class_of(chunk)
+        ))
+    })?;
+    // SAFETY: copied out before any Ruby code runs.
+    Ok(Bytes::copy_from_slice(unsafe { text.as_slice() }))
+}
+
+fn send_body(ruby: &Ruby, status: StatusCode, headers: HeaderMap, body: Value, reply: Reply<'_>) {
+    let respond = |body: ResponseBody, headers: HeaderMap, sender: oneshot::Sender<AppResponse>| {
+        let _ = sender.send(AppResponse {
+            status,
+            headers,
+            body,
+        });
+    };
+    let bodiless = reply.head_only
+        || status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED;
+    if bodiless {
+        return respond(ResponseBody::Empty, headers, reply.sender);
+    }
+    let array = RArray::from_value(body).or_else(|| {
+        body.respond_to("to_ary", false)
+            .unwrap_or(false)
+            .then(|| body.funcall::<_, _, RArray>("to_ary", ()).ok())
+            .flatten()
+    });
+    if let Some(array) = array {
+        let chunks: Result<Vec<Bytes>, Invalid> = array_items(array)
+            .map(|chunk| {
+                chunk
+                    .map_err(|e| Invalid(e.to_string()))
+                    .and_then(chunk_bytes)
+            })
+            .collect();
+        return match chunks {
+            Ok(chunks) => respond(ResponseBody::from_chunks(chunks), headers, reply.sender),
+            Err(Invalid(message)) => send_error(reply.sender, &message),
+        };
+    }
+    if !body.respond_to("each", false).unwrap_or(false) {
+        let message = format!("body must respond to #each, got {}", class_of(body));
+        return send_error(reply.sender, &message);
+    }
+    stream_each(ruby, status, headers, body, reply);
+}
+
+/// State of a body streamed through `#each`.
+enum Stream {
+    /// No chunk yet: a failure can still become a clean 500, and a body with
+    /// no chunks gets Content-Length: 0.
+    Pending {
+        sender: oneshot::Sender<AppResponse>,
+        status: StatusCode,
+        headers: HeaderMap,
+    },
+    Started(BodySender),
+    Done,
+}
+
+impl Stream {
+    fn take(&mut self) -> Stream {
+        std::mem::replace(self, Stream::Done)
+    }
+}
+
+/// Iterates `body.each`, sending the head with the first chunk and each chunk
+/// as it comes (chunked on the wire unless the app set Content-Length).
+fn stream_each(ruby: &Ruby, status: StatusCode, headers: HeaderMap, body: Value, reply: Reply<'_>) {
+    let state = Arc::new(Mutex::new(Stream::Pending {
+        sender: reply.sender,
+        status,
+        headers,
+    }));
+    let runtime = reply.runtime.clone();
+    let block_state = state.clone();
+    let block = ruby.proc_from_fn(move |ruby, args, _block| -> Result<(), Error> {
+        let chunk = args
+            .first()
+            .copied()
+            .unwrap_or_else(|| ruby.qnil().as_value());
+        let chunk =
+            chunk_bytes(chunk).map_err(|Invalid(m)| Error::new(ruby.exception_type_error(), m))?;
+        let mut state = lock(&block_state);
+        if let Stream::Pending { .. } = &*state {
+            let Stream::Pending {
+                sender,
+                status,
+                headers,
+            } = state.take()
+            else {
+                unreachable!("matched above");
+            };
+            let (body_sender, body) = ResponseBody::channel();
+            let _ = sender.send(AppResponse {
+                status,
+                headers,
+                body,
+            });
+            *state = Stream::Started(body_sender);
+        }
+        match &*state {
+            Stream::Started(sender) => send_chunk(ruby, sender, &runtime, chunk),
+            _ => Err(disconnected(ruby)),
+        }
+    });
+    let result = body.funcall_with_block::<_, _, Value>("each", (), block);
+    let state = lock(&state).take();
+    match (result, state) {
+        (
+            Ok(_),
+            Stream::Pending {
+                sender,
+                status,
+                headers,
+            },
+        ) => {
+            let _ = sender.send(AppResponse {
+                status,
+                headers,
+                body: ResponseBody::Empty,
+            });
+        }
+        (Ok(_), _) => {}
+        (Err(e), _) if e.is_kind_of(ruby.get_inner(&CLIENT_DISCONNECTED)) => {
+            tracing::debug!("client went away while the body was streaming");
+        }
+        (Err(e), Stream::Pending { sender, .. }) => {
+            log_exception("response body raised", &e);
+            send_error(sender, "response body raised before its first chunk");
+        }
+        (Err(e), Stream::Started(sender)) => {
+            log_exception("response body raised mid-stream; connection aborted", &e);
+            sender.abort();
+        }
+        (Err(e), Stream::Done) => log_exception("response body raised", &e),
+    }
+}
+
+/// The elements of an Array, read by index: no copy of the Array is made,
+/// and an element that is gone (the app shrank the Array) ends the walk.
+fn array_items(array: RArray) -> impl Iterator<Item = Result<Value, Error>> {
+    (0..array.len()).map(move |i| array.entry::<Value>(i as isize))
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn disconnected(ruby: &Ruby) -> Error {
+    Error::new(ruby.get_inner(&CLIENT_DISCONNECTED), "client disconnected")
+}
+
+/// Queues a chunk, waiting without the GVL while the client is slow.
+fn send_chunk(
+    ruby: &Ruby,
+    sender: &BodySender,
+    runtime: &tokio::runtime::Handle,
+    chunk: Bytes,
+) -> Result<(), Error> {
+    let mut chunk = match sender.try_send(chunk) {
+        Ok(()) => return Ok(()),
+        Err(Err(_closed)) => return Err(disconnected(ruby)),
+        Err(Ok(chunk)) => Some(chunk),
+    };
+    let cancel = Notify::new();
+    let outcome = wait_interruptibly(
+        |_flag| match sender.send_blocking(runtime, chunk.take()?, &cancel) {
+            Ok(()) => Some(Ok(())),
+            Err(SendError::Closed) => Some(Err(())),
+            Err(SendError::Cancelled(back)) => {
+                chunk = Some(back);
+                None
+            }
+        },
+        |_flag| cancel.notify_one(),
+    )?;
+    outcome.map_err(|()| disconnected(ruby))
+}

@@ -1,0 +1,461 @@
+//! `Hyperion::Worker`: binds or adopts a listener, runs the boot hooks, serves
+//! until a stop, then drains and runs the shutdown hooks.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use magnus::prelude::*;
+use magnus::scan_args::{get_kwargs, scan_args};
+use magnus::typed_data::Obj;
+use magnus::value::Opaque;
+use magnus::{
+    gc, DataTypeFunctions, Error, RArray, RHash, RModule, Ruby, Symbol, TypedData, Value,
+};
+use tokio::sync::Notify;
+
+use super::app_thread::{self, AppContext};
+use super::env::EnvFlags;
+use super::errors::{class_of, hyperion_error, log_exception, to_ruby};
+use super::nogvl::wait_interruptibly;
+use super::options::{self, TlsFiles};
+use crate::h2_settings::H2Settings;
+use crate::listener::Listener;
+use crate::request::ServerInfo;
+use crate::server::{Server, ServerOptions, Shared};
+
+/// Settings fixed at `Worker.new`.
+struct Settings {
+    host: String,
+    port: u16,
+    thread_count: usize,
+    worker_index: i64,
+    /// Accepted and validated now; served once TLS lands.
+    tls: Option<TlsFiles>,
+    /// Accepted and validated now; applied once HTTP/2 lands.
+    #[allow(dead_code)]
+    h2: Option<H2Settings>,
+    /// Accepted for interface compatibility; the Rust core is always async.
+    #[allow(dead_code)]
+    async_io: Option<bool>,
+    env_flags: EnvFlags,
+}
+
+#[derive(TypedData)]
+#[magnus(class = "Hyperion::Worker", free_immediately, mark, size)]
+pub(crate) struct Worker {
+    app: Opaque<Value>,
+    /// A Thread::Queue that `run` pops to wait for a stop. Waiting in Ruby
+    /// (rather than in Rust without the GVL) lets Ruby run signal traps on
+    /// the main thread promptly: Ruby only calls a custom unblock function
+    /// for Thread#kill/raise and exit, not for an incoming signal.
+    stop_requests: Opaque<Value>,
+    config: Opaque<Value>,
+    listener: Option<Opaque<Value>>,
+    settings: Settings,
+    shared: Arc<Shared>,
+    started: AtomicBool,
+}
+
+impl DataTypeFunctions for Worker {
+    fn mark(&self, marker: &gc::Marker) {
+        marker.mark(self.app);
+        marker.mark(self.config);
+        marker.mark(self.stop_requests);
+        if let Some(listener) = self.listener {
+            marker.mark(listener);
+        }
+    }
+}
+
+const REQUIRED: [&str; 4] = ["host", "port", "app", "read_timeout"];
+const OPTIONAL: [&str; 9] = [
+    "tls",
+    "thread_count",
+    "config",
+    "worker_index",
+    "listener",
+    "max_pending",
+    "max_request_read_seconds",
+    "h2_settings",
+    "async_io",
+];
+
+type Optional = (
+    Option<Value>,
+    Option<Value>,
+    Option<Value>,
+    Option<Value>,
+    Option<Value>,
+    Option<Value>,
+    Option<Value>,
+    Option<Value>,
+    Option<Value>,
+);
+
+impl Worker {
+    /// `Worker.new(host:, port:, app:, read_timeout:, tls: nil, thread_count: 5,
+    /// config: nil, worker_index: 0, listener: nil, max_pending: nil,
+    /// max_request_read_seconds: 60, h2_settings: nil, async_io: nil)`
+    fn new(ruby: &Ruby, args: &[Value]) -> Result<Worker, Error> {
+        let args = scan_args::<(), (), (), (), RHash, ()>(args)?;
+        let kwargs = get_kwargs::<_, (Value, Value, Value, Value), Optional, ()>(
+            args.keywords,
+            &REQUIRED,
+            &OPTIONAL,
+        )?;
+        let (host, port, app, read_timeout) = kwargs.required;
+        let (
+            tls,
+            thread_count,
+            config,
+            worker_index,
+            listener,
+            max_pending,
+            max_request_read,
+            h2,
+            async_io,
+        ) = kwargs.optional;
+
+        let host = options::string(ruby, "host", host)?;
+        let port = options::integer(ruby, "port", port, 0, 65_535)? as u16;
+        if !app.respond_to("call", false)? {
+            return Err(options::type_error(
+                ruby,
+                "app",
+                "an object that responds to #call",
+                app,
+            ));
+        }
+        let read_timeout = options::seconds(ruby, "read_timeout", read_timeout)?;
+        let thread_count = options::optional_integer(ruby, "thread_count", thread_count, 1, 1024)?
+            .unwrap_or(5) as usize;
+        let worker_index =
+            options::optional_integer(ruby, "worker_index", worker_index, 0, i64::from(u32::MAX))?
+                .unwrap_or(0);
+        let max_pending =
+            options::optional_integer(ruby, "max_pending", max_pending, 1, i64::from(u32::MAX))?;
+        let max_request_read = match max_request_read.filter(|v| !v.is_nil()) {
+            Some(v) => options::seconds(ruby, "max_request_read_seconds", v)?,
+            None => Duration::from_secs(60),
+        };
+        let config = match config.filter(|v| !v.is_nil()) {
+            Some(config) => config,
+            None => ruby
+                .get_inner(&super::keys::HYPERION)
+                .const_get::<_, magnus::RClass>("Config")?
+                .new_instance(())?,
+        };
+        for hook_list in ["on_worker_boot", "on_worker_shutdown"] {
+            if !config.respond_to(hook_list, false)? {
+                return Err(options::type_error(
+                    ruby,
+                    "config",
+                    "a Hyperion::Config",
+                    config,
+                ));
+            }
+        }
+        let listener = match listener.filter(|v| !v.is_nil()) {
+            Some(l) if l.respond_to("fileno", false)? => Some(l),
+            Some(l) => {
+                return Err(options::type_error(
+                    ruby,
+                    "listener",
+                    "a TCPServer or UNIXServer",
+                    l,
+                ))
+            }
+            None => None,
+        };
+        let tls = options::tls(ruby, tls)?;
+        let h2 = options::h2_settings(ruby, h2)?;
+        let async_io = options::boolean(ruby, "async_io", async_io)?;
+
+        let server_options = ServerOptions {
+            read_timeout,
+            max_request_read,
+            graceful_timeout: config_seconds(ruby, config, "graceful_timeout")?
+                .unwrap_or(Duration::from_secs(30)),
+            io_threads: config_integer(ruby, config, "io_threads", 1, 64)?.unwrap_or(1) as usize,
+            ..ServerOptions::default()
+        };
+        let workers = config_integer(ruby, config, "workers", 1, 1024)?.unwrap_or(1);
+        let stop_requests = ruby
+            .class_object()
+            .const_get::<_, magnus::RClass>("Thread")?
+            .const_get::<_, magnus::RClass>("Queue")?
+            .new_instance(())?;
+        Ok(Worker {
+            app: app.into(),
+            stop_requests: stop_requests.into(),
+            config: config.into(),
+            listener: listener.map(Opaque::from),
+            settings: Settings {
+                host,
+                port,
+                thread_count,
+                worker_index,
+                tls,
+                h2,
+                async_io,
+                env_flags: EnvFlags {
+                    multithread: thread_count > 1,
+                    multiprocess: workers > 1,
+                },
+            },
+            shared: Shared::new(server_options, max_pending.map(|n| n as usize)),
+            started: AtomicBool::new(false),
+        })
+    }
+
+    /// Asks `run` to stop accepting, drain and return. Safe from any thread
+    /// and from signal traps; idempotent.
+    /// Arguments are ignored: a signal trap calls this with the signal number.
+    fn stop(ruby: &Ruby, rb_self: &Worker, _args: &[Value]) -> Result<(), Error> {
+        rb_self.shared.stop.stop();
+        ruby.get_inner(rb_self.stop_requests)
+            .funcall::<_, _, Value>("push", (true,))
+            .map(|_| ())
+    }
+
+    fn run(ruby: &Ruby, rb_self: Obj<Worker>) -> Result<(), Error> {
+        let worker = &*rb_self;
+        if worker.started.swap(true, Ordering::AcqRel) {
+            return Err(hyperion_error(
+                ruby,
+                "Worker#run was already called; create a new Worker to serve again",
+            ));
+        }
+        if worker.settings.tls.is_some() {
+            return Err(hyperion_error(
+                ruby,
+                "tls: is accepted but TLS serving is not available in this version yet; terminate TLS in a proxy",
+            ));
+        }
+        crate::logging::init();
+        let listener = match worker.listener {
+            Some(listener) => {
+                let fd: i32 = ruby.get_inner(listener).funcall("fileno", ())?;
+                Listener::adopt(fd)
+            }
+            None => Listener::bind_reuseport(&worker.settings.host, worker.settings.port),
+        }
+        .map_err(|e| to_ruby(ruby, e))?;
+        let bound = listener
+            .local_addr()
+            .map_err(|e| hyperion_error(ruby, format!("listener: {e}")))?;
+        tracing::info!(
+            pid = std::process::id(),
+            worker_index = worker.settings.worker_index,
+            url = %bound.url("http"),
+            "worker listening"
+        );
+
+        let traps = install_traps(ruby, rb_self)?;
+        let config = ruby.get_inner(worker.config);
+        let served = call_hooks(
+            ruby,
+            config,
+            "on_worker_boot",
+            worker.settings.worker_index,
+            true,
+        )
+        .and_then(|()| {
+            let info = ServerInfo {
+                scheme: "http",
+                host: bound.host(),
+                port: bound.port(),
+            };
+            let result = serve(ruby, rb_self, listener, info);
+            // Seed semantics: shutdown hooks run whenever the loop was
+            // entered, also when it ends by error.
+            let _ = call_hooks(
+                ruby,
+                config,
+                "on_worker_shutdown",
+                worker.settings.worker_index,
+                false,
+            );
+            result
+        });
+        restore_traps(ruby, traps);
+        served
+    }
+}
+
+/// Serves until stopped, then drains: stop accepting, let in-flight requests
+/// finish (bounded by graceful_timeout), stop the app threads.
+fn serve(
+    ruby: &Ruby,
+    rb_self: Obj<Worker>,
+    listener: Listener,
+    info: ServerInfo,
+) -> Result<(), Error> {
+    let worker = &*rb_self;
+    let shared = &worker.shared;
+    let mut server = Server::start(listener, info, shared.clone()).map_err(|e| to_ruby(ruby, e))?;
+    let context = Arc::new(AppContext {
+        shared: shared.clone(),
+        runtime: server.handle().clone(),
+        app: worker.app,
+        env_flags: worker.settings.env_flags,
+    });
+    let threads = ruby.ary_new_capa(worker.settings.thread_count);
+    let mut result = spawn_app_threads(ruby, rb_self, &context, threads);
+
+    if result.is_ok() && !shared.stop.is_stopped() {
+        result = ruby
+            .get_inner(worker.stop_requests)
+            .funcall::<_, _, Value>("pop", ())
+            .map(|_| ());
+    }
+    shared.stop.stop();
+    tracing::debug!("stopping: draining connections");
+    let cancel = Notify::new();
+    let drained = wait_interruptibly(
+        |_| server.wait_stopped(&cancel).then_some(()),
+        |_| cancel.notify_one(),
+    );
+    shared.queue.close();
+    tracing::debug!("stopping: joining app threads");
+    let joined = join_app_threads(threads, shared.options.graceful_timeout);
+    // Jobs nobody will run: dropping their reply channels answers 503.
+    drop(shared.queue.drain());
+    tracing::debug!("stopping: shutting the runtime down");
+    let mut server = Some(server);
+    let stopped = wait_interruptibly(
+        |_| {
+            if let Some(server) = server.take() {
+                server.shutdown();
+            }
+            Some(())
+        },
+        |_| {},
+    );
+    result.and(drained).and(joined).and(stopped)
+}
+
+fn spawn_app_threads(
+    ruby: &Ruby,
+    rb_self: Obj<Worker>,
+    context: &Arc<AppContext>,
+    threads: RArray,
+) -> Result<(), Error> {
+    for index in 0..(*rb_self).settings.thread_count {
+        let context = context.clone();
+        let thread = ruby.thread_create_from_fn(move |ruby| app_thread::serve(ruby, &context));
+        // The thread references the Worker, which marks the app, so the app
+        // stays alive for as long as any app thread runs.
+        thread.ivar_set("__hyperion_worker", rb_self)?;
+        thread.funcall::<_, _, Value>("name=", (format!("hyperion-app-{index}"),))?;
+        threads.push(thread)?;
+    }
+    Ok(())
+}
+
+/// Waits up to `timeout` for the app threads to finish their requests, then
+/// kills the stragglers.
+fn join_app_threads(threads: RArray, timeout: Duration) -> Result<(), Error> {
+    for index in 0..threads.len() {
+        let thread: Value = threads.entry(index as isize)?;
+        match thread.funcall::<_, _, Value>("join", (timeout.as_secs_f64(),)) {
+            Ok(joined) if joined.is_nil() => {
+                tracing::warn!("an app thread did not finish within graceful_timeout; killing it");
+                thread.funcall::<_, _, Value>("kill", ())?;
+            }
+            Ok(_) => {}
+            Err(e) => log_exception("app thread ended with an exception", &e),
+        }
+    }
+    Ok(())
+}
+
+/// Calls every hook in `config.<list>` with the worker index. Boot hooks
+/// propagate their exception (the worker cannot serve); shutdown hooks are
+/// logged and the rest still run.
+fn call_hooks(
+    ruby: &Ruby,
+    config: Value,
+    list: &str,
+    index: i64,
+    propagate: bool,
+) -> Result<(), Error> {
+    let hooks: RArray = config.funcall(list, ())?;
+    for index_in_list in 0..hooks.len() {
+        let hook: Value = hooks.entry(index_in_list as isize)?;
+        if let Err(e) = hook.funcall::<_, _, Value>("call", (index,)) {
+            log_exception(&format!("{list} hook raised"), &e);
+            if propagate {
+                return Err(e);
+            }
+        }
+    }
+    let _ = ruby;
+    Ok(())
+}
+
+/// TERM and INT call `stop` (the trap only flips state); the previous
+/// handlers are restored when `run` returns.
+fn install_traps(ruby: &Ruby, rb_self: Obj<Worker>) -> Result<RArray, Error> {
+    let signal: RModule = ruby.class_object().const_get("Signal")?;
+    let stop: Value = rb_self.funcall("method", (Symbol::new("stop"),))?;
+    let previous = ruby.ary_new();
+    for name in ["TERM", "INT"] {
+        let old: Value = signal.funcall("trap", (name, stop))?;
+        previous.push(ruby.ary_new_from_values(&[ruby.str_new(name).as_value(), old]))?;
+    }
+    Ok(previous)
+}
+
+fn restore_traps(ruby: &Ruby, previous: RArray) {
+    let Ok(signal) = ruby.class_object().const_get::<_, RModule>("Signal") else {
+        return;
+    };
+    for index in 0..previous.len() {
+        if let Ok(pair) = previous.entry::<RArray>(index as isize) {
+            let (Ok(name), Ok(old)) = (pair.entry::<Value>(0), pair.entry::<Value>(1)) else {
+                continue;
+            };
+            if let Err(e) = signal.funcall::<_, _, Value>("trap", (name, old)) {
+                log_exception("could not restore a signal handler", &e);
+            }
+        }
+    }
+}
+
+fn config_value(config: Value, name: &str) -> Result<Option<Value>, Error> {
+    if !config.respond_to(name, false)? {
+        return Ok(None);
+    }
+    let value: Value = config.funcall(name, ())?;
+    Ok((!value.is_nil()).then_some(value))
+}
+
+fn config_seconds(ruby: &Ruby, config: Value, name: &str) -> Result<Option<Duration>, Error> {
+    config_value(config, name)?
+        .map(|v| options::seconds(ruby, &format!("config.{name}"), v))
+        .transpose()
+}
+
+fn config_integer(
+    ruby: &Ruby,
+    config: Value,
+    name: &str,
+    min: i64,
+    max: i64,
+) -> Result<Option<i64>, Error> {
+    config_value(config, name)?
+        .map(|v| options::integer(ruby, &format!("config.{name}"), v, min, max))
+        .transpose()
+}
+
+pub(crate) fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {
+    let class = module.define_class("Worker", ruby.class_object())?;
+    class.undef_default_alloc_func();
+    class.define_singleton_method("new", magnus::function!(Worker::new, -1))?;
+    class.define_method("run", magnus::method!(Worker::run, 0))?;
+    class.define_method("stop", magnus::method!(Worker::stop, -1))?;
+    let _ = class_of;
+    Ok(())
+}
