@@ -81,7 +81,7 @@ pub(crate) fn build_env(
     };
     set(&RACK_URL_SCHEME, ruby.get_inner(scheme).as_value())?;
     set(&RACK_INPUT, input_value(ruby, body)?)?;
-    set(&RACK_ERRORS, stderr(ruby))?;
+    set(&RACK_ERRORS, stderr())?;
     set(&RACK_MULTITHREAD, flags.multithread.into_value_with(ruby))?;
     set(&RACK_MULTIPROCESS, flags.multiprocess.into_value_with(ruby))?;
     set(&RACK_RUN_ONCE, ruby.qfalse().as_value())?;
@@ -184,12 +184,10 @@ fn input_value(ruby: &Ruby, body: RequestBody) -> Result<Value, Error> {
     }
 }
 
-fn stderr(ruby: &Ruby) -> Value {
+fn stderr() -> Value {
     // SAFETY: rb_gv_get is called with the GVL held and a NUL-terminated name;
     // reading $stderr cannot raise.
     let raw = unsafe { rb_sys::rb_gv_get(c"$stderr".as_ptr()) };
     // SAFETY: rb_gv_get returns a live VALUE, now on this thread's stack.
-    let value = unsafe { <Value as magnus::rb_sys::FromRawValue>::from_raw(raw) };
-    let _ = ruby;
-    value
+    unsafe { <Value as magnus::rb_sys::FromRawValue>::from_raw(raw) }
 }

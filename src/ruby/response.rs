@@ -8,6 +8,7 @@ use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode};
 use magnus::prelude::*;
 use magnus::r_hash::ForEach;
+use magnus::value::Opaque;
 use magnus::{Error, Integer, RArray, RHash, RString, Ruby, Symbol, TryConvert, Value};
 use tokio::sync::{oneshot, Notify};
 
@@ -93,23 +94,31 @@ fn convert_headers(ruby: &Ruby, headers: Value) -> Result<HeaderMap, Invalid> {
     let iterated = if let Some(hash) = RHash::from_value(headers) {
         hash.foreach(|name: Value, value: Value| Ok(add(name, value)))
     } else if headers.respond_to("each", false).unwrap_or(false) {
-        // Rack 2 allows any object whose #each yields pairs.
-        let pairs = headers
-            .funcall::<_, _, Value>("to_a", ())
-            .and_then(RArray::try_convert);
-        match pairs {
-            Ok(pairs) => array_items(pairs).try_for_each(|pair| {
-                let pair = RArray::try_convert(pair?)?;
-                if let ForEach::Stop = add(pair.entry(0)?, pair.entry(1)?) {
-                    return Err(Error::new(
-                        ruby.exception_stop_iteration(),
-                        "invalid header",
-                    ));
-                }
-                Ok(())
-            }),
-            Err(e) => Err(e),
-        }
+        // Rack 2 allows any object whose #each yields pairs. They are
+        // gathered into a Ruby Array (on this stack, so marked) first.
+        let pairs = ruby.ary_new();
+        let collected = Opaque::from(pairs);
+        let collect = ruby.proc_from_fn(move |ruby, args: &[Value], _block| {
+            let pair = match args {
+                [single] => *single,
+                _ => ruby.ary_new_from_values(args).as_value(),
+            };
+            ruby.get_inner(collected).push(pair)
+        });
+        headers
+            .funcall_with_block::<_, _, Value>("each", (), collect)
+            .and_then(|_| {
+                array_items(pairs).try_for_each(|pair| {
+                    let pair = RArray::try_convert(pair?)?;
+                    if let ForEach::Stop = add(pair.entry(0)?, pair.entry(1)?) {
+                        return Err(Error::new(
+                            ruby.exception_stop_iteration(),
+                            "invalid header",
+                        ));
+                    }
+                    Ok(())
+                })
+            })
     } else {
         return Err(Invalid(format!(
             "headers must be a Hash (or respond to #each), got {}",

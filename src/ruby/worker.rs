@@ -16,7 +16,7 @@ use tokio::sync::Notify;
 
 use super::app_thread::{self, AppContext};
 use super::env::EnvFlags;
-use super::errors::{class_of, hyperion_error, log_exception, to_ruby};
+use super::errors::{hyperion_error, log_exception, to_ruby};
 use super::nogvl::wait_interruptibly;
 use super::options::{self, TlsFiles};
 use crate::h2_settings::H2Settings;
@@ -254,31 +254,24 @@ impl Worker {
 
         let traps = install_traps(ruby, rb_self)?;
         let config = ruby.get_inner(worker.config);
-        let served = call_hooks(
-            ruby,
-            config,
-            "on_worker_boot",
-            worker.settings.worker_index,
-            true,
-        )
-        .and_then(|()| {
-            let info = ServerInfo {
-                scheme: "http",
-                host: bound.host(),
-                port: bound.port(),
-            };
-            let result = serve(ruby, rb_self, listener, info);
-            // Seed semantics: shutdown hooks run whenever the loop was
-            // entered, also when it ends by error.
-            let _ = call_hooks(
-                ruby,
-                config,
-                "on_worker_shutdown",
-                worker.settings.worker_index,
-                false,
-            );
-            result
-        });
+        let served = call_hooks(config, "on_worker_boot", worker.settings.worker_index, true)
+            .and_then(|()| {
+                let info = ServerInfo {
+                    scheme: "http",
+                    host: bound.host(),
+                    port: bound.port(),
+                };
+                let result = serve(ruby, rb_self, listener, info);
+                // Seed semantics: shutdown hooks run whenever the loop was
+                // entered, also when it ends by error.
+                let _ = call_hooks(
+                    config,
+                    "on_worker_shutdown",
+                    worker.settings.worker_index,
+                    false,
+                );
+                result
+            });
         restore_traps(ruby, traps);
         served
     }
@@ -342,7 +335,7 @@ fn spawn_app_threads(
     context: &Arc<AppContext>,
     threads: RArray,
 ) -> Result<(), Error> {
-    for index in 0..(*rb_self).settings.thread_count {
+    for index in 0..rb_self.settings.thread_count {
         let context = context.clone();
         let thread = ruby.thread_create_from_fn(move |ruby| app_thread::serve(ruby, &context));
         // The thread references the Worker, which marks the app, so the app
@@ -374,13 +367,7 @@ fn join_app_threads(threads: RArray, timeout: Duration) -> Result<(), Error> {
 /// Calls every hook in `config.<list>` with the worker index. Boot hooks
 /// propagate their exception (the worker cannot serve); shutdown hooks are
 /// logged and the rest still run.
-fn call_hooks(
-    ruby: &Ruby,
-    config: Value,
-    list: &str,
-    index: i64,
-    propagate: bool,
-) -> Result<(), Error> {
+fn call_hooks(config: Value, list: &str, index: i64, propagate: bool) -> Result<(), Error> {
     let hooks: RArray = config.funcall(list, ())?;
     for index_in_list in 0..hooks.len() {
         let hook: Value = hooks.entry(index_in_list as isize)?;
@@ -391,7 +378,6 @@ fn call_hooks(
             }
         }
     }
-    let _ = ruby;
     Ok(())
 }
 
@@ -456,6 +442,5 @@ pub(crate) fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {
     class.define_singleton_method("new", magnus::function!(Worker::new, -1))?;
     class.define_method("run", magnus::method!(Worker::run, 0))?;
     class.define_method("stop", magnus::method!(Worker::stop, -1))?;
-    let _ = class_of;
     Ok(())
 }

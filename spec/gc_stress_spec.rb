@@ -1,0 +1,56 @@
+# frozen_string_literal: true
+
+require "spec_helper"
+
+# `rake gc_stress` runs these with GC.stress on while requests are served, so
+# a Ruby object that Rust holds without marking it would be collected and the
+# request would crash or answer garbage. Without HYPERION_GC_STRESS they run
+# as ordinary examples.
+RSpec.describe "serving under GC.stress", :gc_stress, timeout: 300 do
+  it "builds envs, reads bodies and writes Array, streamed and each-able-header responses" do
+    app = lambda do |env|
+      case env["PATH_INFO"]
+      when "/env" then TestApps.env_dump.call(env)
+      when "/stream" then [200, {}, TestApps::CountingBody.new(%w[s t r e a m], [])]
+      when "/raise" then raise "under stress"
+      else
+        headers = Object.new
+        def headers.each = yield("x-each", "v")
+        [200, headers, [env["rack.input"].read]]
+      end
+    end
+    with_worker(app, thread_count: 3) do |port|
+      gc_stress do
+        env_raw = raw_exchange(port, "POST /env?q=1 HTTP/1.1\r\nHost: h:1\r\nContent-Length: 3\r\nX-A: b\r\n" \
+                                     "Connection: close\r\n\r\nabc")
+        status, _headers, body = parse_responses(env_raw).first
+        expect(status).to eq(200)
+        expect(JSON.parse(body)).to include("QUERY_STRING" => "q=1", "HTTP_X_A" => "b", "body" => "abc",
+                                            "SERVER_NAME" => "h", "SERVER_PORT" => "1")
+        stream = parse_responses(raw_exchange(port, "GET /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+        expect(stream.first.values_at(0, 2)).to eq([200, "stream"])
+        failed = parse_responses(raw_exchange(port, "GET /raise HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+        expect(failed.first.first).to eq(500)
+        echoed = parse_responses(raw_exchange(port, "POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n" \
+                                                    "Connection: close\r\n\r\nok"))
+        expect(echoed.first.values_at(0, 2)).to eq([200, "ok"])
+        expect(echoed.first[1]["x-each"]).to eq(["v"])
+      end
+    end
+  end
+
+  it "keeps the app and hooks alive while the worker runs" do
+    calls = []
+    config = Hyperion::Config.new
+    config.on_worker_boot << ->(i) { calls << [:boot, i] }
+    config.on_worker_shutdown << ->(i) { calls << [:shutdown, i] }
+    gc_stress do
+      with_worker(->(_) { [200, { "a" => "b" }, ["alive"]] }, config: config) do |port|
+        GC.start
+        raw = raw_exchange(port, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        expect(parse_responses(raw).first.last).to eq("alive")
+      end
+    end
+    expect(calls).to eq([[:boot, 0], [:shutdown, 0]])
+  end
+end

@@ -1,0 +1,26 @@
+# frozen_string_literal: true
+
+$LOAD_PATH.unshift(File.expand_path("../lib", __dir__))
+require "hyperion"
+require "json"
+require "net/http"
+require "socket"
+require "timeout"
+require "tmpdir"
+
+# In-process workers log through tracing to fd 2; keep the spec output
+# readable. Specs that assert on log lines run bin/hyperion in a child.
+ENV["HYPERION_LOG"] ||= "off"
+Dir[File.join(__dir__, "support/*.rb")].sort.each { |f| require f }
+
+RSpec.configure do |config|
+  config.include ServerHelpers
+  config.disable_monkey_patching!
+  config.order = :random
+  # `rake gc_stress` runs the examples tagged :gc_stress with GC.stress on
+  # around each request (see ServerHelpers#gc_stress).
+  config.filter_run_excluding(:gem_install) unless ENV["HYPERION_GEM_INSTALL"] == "1" || ENV["CI"]
+  config.around(:each) do |example|
+    Timeout.timeout(example.metadata[:timeout] || 60) { example.run }
+  end
+end
