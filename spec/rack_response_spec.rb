@@ -100,9 +100,14 @@ RSpec.describe "Rack responses on the wire" do
   end
 
   describe "body#close is called exactly once" do
-    def closes_for(app_body_factory, request: "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", status: 200)
+    # Serves one request with a body built by `body_factory` (given the close
+    # counter); yields the raw response; returns the counter.
+    def closes_for(body_factory, status: 200)
       counter = []
-      with_worker(->(_) { [status, {}, app_body_factory.call(counter)] }) { |port| raw_exchange(port, request) }
+      with_worker(->(_) { [status, {}, body_factory.call(counter)] }) do |port|
+        raw = raw_exchange(port, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        yield raw if block_given?
+      end
       counter
     end
 
@@ -115,28 +120,22 @@ RSpec.describe "Rack responses on the wire" do
     end
 
     it "when #each raises before its first chunk (answered 500)" do
-      counter = []
-      app = ->(_) { [200, {}, TestApps::CountingBody.new([], counter, raise_in_each: true)] }
-      with_worker(app) do |port|
-        raw = raw_exchange(port, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+      counter = closes_for(->(c) { TestApps::CountingBody.new([], c, raise_in_each: true) }) do |raw|
         expect(raw).to start_with("HTTP/1.1 500")
       end
       expect(counter).to eq([:closed])
     end
 
-    it "when the status is invalid" do
-      counter = []
-      with_worker(->(_) { ["oops", {}, TestApps::CountingBody.new(["a"], counter)] }) do |port|
-        raw_exchange(port, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    it "when the status is invalid (answered 500)" do
+      counter = closes_for(->(c) { TestApps::CountingBody.new(["a"], c) }, status: "oops") do |raw|
+        expect(raw).to start_with("HTTP/1.1 500")
       end
       expect(counter).to eq([:closed])
     end
 
     it "for a body that also responds to #to_ary" do
-      counter = []
-      body = Class.new(TestApps::CountingBody) { def to_ary = ["array"] }.new(["each"], counter)
-      with_worker(->(_) { [200, {}, body] }) do |port|
-        raw = raw_exchange(port, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+      with_to_ary = Class.new(TestApps::CountingBody) { def to_ary = ["array"] }
+      counter = closes_for(->(c) { with_to_ary.new(["each"], c) }) do |raw|
         expect(raw).to end_with("array")
       end
       expect(counter).to eq([:closed])
