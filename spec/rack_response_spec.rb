@@ -50,6 +50,14 @@ RSpec.describe "Rack responses on the wire" do
     expect(headers["x-from-each"]).to eq(["yes"])
   end
 
+  it "answers HEAD with the Content-Length a GET gets, and no body" do
+    with_worker(->(_) { [200, { "content-type" => "text/plain" }, ["Hello, ", "World"]] }) do |port|
+      raw = raw_exchange(port, "HEAD / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+      expect(raw).to include("content-length: 12\r\n")
+      expect(raw).to end_with("\r\n\r\n")
+    end
+  end
+
   it "never sends a body for HEAD, 204 and 304, and still closes the body" do
     counter = []
     app = ->(env) { [env["PATH_INFO"] == "/304" ? 304 : 200, {}, TestApps::CountingBody.new(["body"], counter)] }

@@ -150,6 +150,32 @@ RSpec.describe Hyperion::Worker do
       expect { Timeout.timeout(5) { worker.run } }.not_to raise_error
     end
 
+    it "lets Thread#kill end an idle app thread at once" do
+      with_worker(app, thread_count: 2) do |port|
+        http_get(port)
+        app_thread = Thread.list.find { |t| t.name == "hyperion-app-0" }
+        expect(app_thread).not_to be_nil
+        app_thread.kill
+        expect(app_thread.join(1)).to eq(app_thread)
+        expect(http_get(port).body).to eq("ok") # the other thread keeps serving
+      end
+    end
+
+    it "does not hang process exit while the worker runs in a background thread" do
+      script = <<~RUBY
+        require "hyperion"
+        worker = Hyperion::Worker.new(host: "127.0.0.1", port: 0, app: ->(_) { [200, {}, []] },
+                                      read_timeout: 5, thread_count: 4)
+        Thread.new { worker.run }
+        sleep 0.3
+        exit 0
+      RUBY
+      started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+      out, status = run_ruby(script, env: { "HYPERION_LOG" => "off" })
+      expect(status.exitstatus).to eq(0), out
+      expect(Process.clock_gettime(Process::CLOCK_MONOTONIC) - started).to be < 3
+    end
+
     it "does not accept tls: for serving yet and says so" do
       worker = described_class.new(**required, tls: { cert: "c.pem", key: "k.pem" })
       expect { worker.run }.to raise_error(Hyperion::Error, /TLS serving is not available/)

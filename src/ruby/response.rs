@@ -4,7 +4,7 @@
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use http::header::{HeaderName, HeaderValue};
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
 use http::{HeaderMap, StatusCode};
 use magnus::prelude::*;
 use magnus::r_hash::ForEach;
@@ -215,7 +215,13 @@ fn chunk_bytes(chunk: Value) -> Result<Bytes, Invalid> {
     Ok(Bytes::copy_from_slice(unsafe { text.as_slice() }))
 }
 
-fn send_body(ruby: &Ruby, status: StatusCode, headers: HeaderMap, body: Value, reply: Reply<'_>) {
+fn send_body(
+    ruby: &Ruby,
+    status: StatusCode,
+    mut headers: HeaderMap,
+    body: Value,
+    reply: Reply<'_>,
+) {
     let respond = |body: ResponseBody, headers: HeaderMap, sender: oneshot::Sender<AppResponse>| {
         let _ = sender.send(AppResponse {
             status,
@@ -228,6 +234,20 @@ fn send_body(ruby: &Ruby, status: StatusCode, headers: HeaderMap, body: Value, r
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
     if bodiless {
+        // HEAD announces the length a GET would get, when it is cheap to
+        // know (an Array body); the body itself is never iterated.
+        let array_length = RArray::from_value(body).and_then(|array| {
+            array_items(array)
+                .map(|chunk| chunk.ok().and_then(RString::from_value).map(|s| s.len()))
+                .sum::<Option<usize>>()
+        });
+        if let (true, Some(length), false) = (
+            reply.head_only,
+            array_length,
+            headers.contains_key(CONTENT_LENGTH),
+        ) {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
+        }
         return respond(ResponseBody::Empty, headers, reply.sender);
     }
     let array = RArray::from_value(body).or_else(|| {
