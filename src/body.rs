@@ -41,12 +41,20 @@ impl RequestBody {
 pub enum BodyError {
     /// The client sent a malformed body or went away mid-body.
     Client(String),
+    /// The body grew past the configured maximum (decided mid-stream for
+    /// chunked bodies).
+    TooLarge,
     /// The temporary file could not be written.
     Spill(io::Error),
 }
 
-/// Reads `body` to its end, keeping up to `memory_limit` bytes in memory.
-pub async fn read_body<B>(mut body: B, memory_limit: usize) -> Result<RequestBody, BodyError>
+/// Reads `body` to its end, keeping up to `memory_limit` bytes in memory and
+/// refusing more than `max_bytes` in all.
+pub async fn read_body<B>(
+    mut body: B,
+    memory_limit: usize,
+    max_bytes: u64,
+) -> Result<RequestBody, BodyError>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: std::fmt::Display,
@@ -56,11 +64,16 @@ where
     }
     let mut memory = BytesMut::new();
     let mut spilled: Option<(File, u64)> = None;
+    let mut total: u64 = 0;
     while let Some(frame) = body.frame().await {
         let frame = frame.map_err(|e| BodyError::Client(e.to_string()))?;
         let Ok(data) = frame.into_data() else {
             continue; // trailers carry no body bytes
         };
+        total += data.len() as u64;
+        if total > max_bytes {
+            return Err(BodyError::TooLarge);
+        }
         match spilled.as_mut() {
             Some((file, len)) => {
                 // A blocking write to an unlinked temp file lands in the page
@@ -103,17 +116,17 @@ mod tests {
 
     #[tokio::test]
     async fn small_bodies_stay_in_memory() {
-        let body = read_body(Full::new(Bytes::from_static(b"hello")), 16)
+        let body = read_body(Full::new(Bytes::from_static(b"hello")), 16, 100)
             .await
             .unwrap();
         assert!(matches!(body, RequestBody::Memory(ref b) if &b[..] == b"hello"));
-        let empty = read_body(Full::new(Bytes::new()), 16).await.unwrap();
+        let empty = read_body(Full::new(Bytes::new()), 16, 100).await.unwrap();
         assert!(matches!(empty, RequestBody::Empty));
     }
 
     #[tokio::test]
     async fn large_bodies_spill_to_a_rewound_file() {
-        let body = read_body(chunks(vec![b"0123456789", b"abcdefghij", b"XYZ"]), 12)
+        let body = read_body(chunks(vec![b"0123456789", b"abcdefghij", b"XYZ"]), 12, 100)
             .await
             .unwrap();
         let RequestBody::File { mut file, len } = body else {
@@ -123,5 +136,11 @@ mod tests {
         let mut text = String::new();
         file.read_to_string(&mut text).unwrap();
         assert_eq!(text, "0123456789abcdefghijXYZ");
+    }
+
+    #[tokio::test]
+    async fn bodies_over_the_maximum_are_refused_mid_stream() {
+        let result = read_body(chunks(vec![b"0123456789", b"abcdefghij"]), 100, 15).await;
+        assert!(matches!(result, Err(BodyError::TooLarge)));
     }
 }

@@ -4,9 +4,11 @@
 //! that exposes `Hyperion::Worker` (built with `--features ruby`).
 
 pub mod body;
+pub mod connection;
 pub mod error;
 pub mod h2_settings;
 pub mod host;
+pub mod limits;
 pub mod listener;
 pub mod logging;
 pub mod queue;

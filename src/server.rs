@@ -7,12 +7,17 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::rt::TokioTimer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::runtime::{Handle, Runtime};
 use tokio::sync::{oneshot, Notify};
@@ -21,17 +26,25 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, error, warn};
 
 use crate::body::{read_body, BodyError};
+use crate::connection::{drive, Activity, ConnectionCount, Timeouts, WatchedIo};
 use crate::error::Error;
+use crate::limits::{check_head, Limits};
 use crate::listener::{AsyncListener, Listener};
 use crate::queue::{JobQueue, PushError};
 use crate::request::{Job, RequestData, ServerInfo};
-use crate::response::{plain_response, ResponseBody};
+use crate::response::{plain_response, ResponseBody, StreamAborted};
 use crate::stop::StopSignal;
 
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
-    /// Time allowed for a request head to arrive.
+    /// Time allowed for a request head to arrive (and for a new connection's
+    /// first request).
     pub read_timeout: Duration,
+    /// An idle keep-alive connection is closed after this.
+    pub idle_timeout: Duration,
+    /// A client that accepts no response bytes for this long is dropped.
+    pub write_timeout: Duration,
+    pub limits: Limits,
     /// Time allowed for a whole request (head and body).
     pub max_request_read: Duration,
     /// How long a stop waits for in-flight requests before giving up.
@@ -46,6 +59,9 @@ impl Default for ServerOptions {
     fn default() -> Self {
         Self {
             read_timeout: Duration::from_secs(30),
+            idle_timeout: Duration::from_secs(20),
+            write_timeout: Duration::from_secs(10),
+            limits: Limits::default(),
             max_request_read: Duration::from_secs(60),
             graceful_timeout: Duration::from_secs(30),
             body_memory_limit: crate::body::DEFAULT_MEMORY_LIMIT,
@@ -126,7 +142,7 @@ impl Server {
 }
 
 async fn accept_loop(listener: AsyncListener, info: Arc<ServerInfo>, shared: Arc<Shared>) {
-    let graceful = GracefulShutdown::new();
+    let connections = Arc::new(ConnectionCount::default());
     let stopped = shared.stop.stopped();
     tokio::pin!(stopped);
     loop {
@@ -139,10 +155,10 @@ async fn accept_loop(listener: AsyncListener, info: Arc<ServerInfo>, shared: Arc
             Ok(Accepted::Tcp(stream, remote)) => {
                 // Responses are written whole or in large chunks; Nagle only adds latency.
                 let _ = stream.set_nodelay(true);
-                serve_connection(stream, remote, &info, &shared, &graceful);
+                serve_connection(stream, remote, &info, &shared, &connections);
             }
             Ok(Accepted::Unix(stream)) => {
-                serve_connection(stream, Arc::from("127.0.0.1"), &info, &shared, &graceful)
+                serve_connection(stream, Arc::from("127.0.0.1"), &info, &shared, &connections)
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -151,8 +167,11 @@ async fn accept_loop(listener: AsyncListener, info: Arc<ServerInfo>, shared: Arc
             }
         }
     }
+    // Closing the listener refuses new connections at once; the kernel
+    // backlog of a shared (SO_REUSEPORT or inherited) socket stays with the
+    // siblings that still listen.
     drop(listener);
-    if timeout(shared.options.graceful_timeout, graceful.shutdown())
+    if timeout(shared.options.graceful_timeout, connections.drained())
         .await
         .is_err()
     {
@@ -183,30 +202,89 @@ fn serve_connection<S>(
     remote_addr: Arc<str>,
     info: &Arc<ServerInfo>,
     shared: &Arc<Shared>,
-    graceful: &GracefulShutdown,
+    connections: &Arc<ConnectionCount>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
 {
-    let (info, shared_for_service) = (info.clone(), shared.clone());
-    let service = service_fn(move |request| {
-        handle_request(
-            request,
-            remote_addr.clone(),
-            info.clone(),
-            shared_for_service.clone(),
-        )
-    });
+    let fd: RawFd = stream.as_raw_fd();
+    let activity = Activity::new();
+    let service = {
+        let (info, shared, activity) = (info.clone(), shared.clone(), activity.clone());
+        service_fn(move |request| {
+            activity.request_started();
+            let response =
+                handle_request(request, remote_addr.clone(), info.clone(), shared.clone());
+            let activity = activity.clone();
+            async move {
+                let response = response.await?;
+                Ok::<_, Infallible>(response.map(|body| TrackedBody { body, activity }))
+            }
+        })
+    };
+    let options = &shared.options;
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(shared.options.read_timeout)
+        // Head timing is enforced by `connection::drive`, which answers 408
+        // where hyper would only close.
+        .header_read_timeout(None)
+        .max_headers(options.limits.max_headers)
+        .max_buf_size(options.limits.max_header_bytes.max(8192))
         .keep_alive(true)
-        .serve_connection(TokioIo::new(stream), service);
-    let connection = graceful.watch(connection);
+        .serve_connection(WatchedIo::new(stream, activity.clone()), service);
+    let timeouts = Timeouts {
+        read: options.read_timeout,
+        idle: options.idle_timeout,
+        write: options.write_timeout,
+    };
+    let (guard, shared) = (connections.enter(), shared.clone());
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            debug!(error = %e, "connection ended with an error");
-        }
+        // Declared first, dropped last: the connection (and its socket) is
+        // gone before the drain count goes down.
+        let _live = guard;
+        tokio::pin!(connection);
+        drive(
+            connection.as_mut(),
+            |c| c.graceful_shutdown(),
+            fd,
+            activity,
+            timeouts,
+            &shared.stop,
+        )
+        .await;
     });
+}
+
+/// A response body that tells the connection when hyper is done with it, so
+/// the idle timer starts then.
+struct TrackedBody {
+    body: ResponseBody,
+    activity: Arc<Activity>,
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        self.activity.response_finished();
+    }
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = StreamAborted;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, StreamAborted>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
 }
 
 async fn handle_request(
@@ -217,8 +295,22 @@ async fn handle_request(
 ) -> Result<Response<ResponseBody>, Infallible> {
     let deadline = Instant::now() + shared.options.max_request_read;
     let (head, body) = request.into_parts();
-    let body = match timeout_at(deadline, read_body(body, shared.options.body_memory_limit)).await {
+    let limits = &shared.options.limits;
+    if let Err(rejection) = check_head(&head, limits) {
+        debug!(status = %rejection.status, reason = rejection.reason, "request refused");
+        // Closing keeps an unread body from ever being parsed as a request.
+        return Ok(plain_response(rejection.status, true));
+    }
+    let reading = read_body(
+        body,
+        shared.options.body_memory_limit,
+        limits.max_body_bytes,
+    );
+    let body = match timeout_at(deadline, reading).await {
         Ok(Ok(body)) => body,
+        Ok(Err(BodyError::TooLarge)) => {
+            return Ok(plain_response(StatusCode::PAYLOAD_TOO_LARGE, true));
+        }
         Ok(Err(BodyError::Client(e))) => {
             debug!(error = %e, "bad request body");
             return Ok(plain_response(StatusCode::BAD_REQUEST, true));

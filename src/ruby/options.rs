@@ -7,6 +7,7 @@ use magnus::{Error, Float, Integer, RHash, RString, Ruby, Symbol, Value};
 
 use super::errors::class_of;
 use crate::h2_settings::H2Settings;
+use crate::server::ServerOptions;
 
 /// `tls:` as given; certificates are loaded when TLS lands.
 #[derive(Debug, Clone)]
@@ -149,4 +150,58 @@ pub(crate) fn h2_settings(ruby: &Ruby, value: Option<Value>) -> Result<Option<H2
         settings.set(&name, n).map_err(|m| arg_error(ruby, m))?;
     }
     Ok(Some(settings))
+}
+
+/// Worker keywords beyond the seed API: the limits and timeouts of
+/// docs/configuration.md.
+pub(crate) const LIMIT_KEYWORDS: [&str; 7] = [
+    "max_body_bytes",
+    "max_uri_bytes",
+    "max_header_bytes",
+    "max_headers",
+    "idle_timeout",
+    "write_timeout",
+    "graceful_timeout",
+];
+
+/// Applies the limit keywords left over after the seed ones; any other key is
+/// an unknown keyword.
+pub(crate) fn apply_limit_keywords(
+    ruby: &Ruby,
+    rest: RHash,
+    options: &mut ServerOptions,
+) -> Result<(), Error> {
+    let mut entries = Vec::new();
+    rest.foreach(|key: Symbol, value: Value| {
+        entries.push((key.name()?.into_owned(), value));
+        Ok(magnus::r_hash::ForEach::Continue)
+    })?;
+    for (key, value) in entries {
+        let limits = &mut options.limits;
+        match key.as_str() {
+            "max_body_bytes" => {
+                limits.max_body_bytes = integer(ruby, &key, value, 0, i64::MAX)? as u64
+            }
+            "max_uri_bytes" => {
+                limits.max_uri_bytes = integer(ruby, &key, value, 16, 1 << 20)? as usize
+            }
+            "max_header_bytes" => {
+                limits.max_header_bytes = integer(ruby, &key, value, 8192, 16 << 20)? as usize
+            }
+            "max_headers" => limits.max_headers = integer(ruby, &key, value, 1, 10_000)? as usize,
+            "idle_timeout" => options.idle_timeout = seconds(ruby, &key, value)?,
+            "write_timeout" => options.write_timeout = seconds(ruby, &key, value)?,
+            "graceful_timeout" => options.graceful_timeout = seconds(ruby, &key, value)?,
+            _ => {
+                return Err(arg_error(
+                    ruby,
+                    format!(
+                        "unknown keyword: :{key} (limits accepted: {})",
+                        LIMIT_KEYWORDS.join(", ")
+                    ),
+                ))
+            }
+        }
+    }
+    Ok(())
 }

@@ -96,10 +96,12 @@ type Optional = (
 impl Worker {
     /// `Worker.new(host:, port:, app:, read_timeout:, tls: nil, thread_count: 5,
     /// config: nil, worker_index: 0, listener: nil, max_pending: nil,
-    /// max_request_read_seconds: 60, h2_settings: nil, async_io: nil)`
+    /// max_request_read_seconds: 60, h2_settings: nil, async_io: nil,
+    /// **limits)` — the limits and timeouts beyond the seed API are listed in
+    /// `options::LIMIT_KEYWORDS`.
     fn new(ruby: &Ruby, args: &[Value]) -> Result<Worker, Error> {
         let args = scan_args::<(), (), (), (), RHash, ()>(args)?;
-        let kwargs = get_kwargs::<_, (Value, Value, Value, Value), Optional, ()>(
+        let kwargs = get_kwargs::<_, (Value, Value, Value, Value), Optional, RHash>(
             args.keywords,
             &REQUIRED,
             &OPTIONAL,
@@ -172,7 +174,7 @@ impl Worker {
         let h2 = options::h2_settings(ruby, h2)?;
         let async_io = options::boolean(ruby, "async_io", async_io)?;
 
-        let server_options = ServerOptions {
+        let mut server_options = ServerOptions {
             read_timeout,
             max_request_read,
             graceful_timeout: config_seconds(ruby, config, "graceful_timeout")?
@@ -180,6 +182,7 @@ impl Worker {
             io_threads: config_integer(ruby, config, "io_threads", 1, 64)?.unwrap_or(1) as usize,
             ..ServerOptions::default()
         };
+        options::apply_limit_keywords(ruby, kwargs.splat, &mut server_options)?;
         let workers = config_integer(ruby, config, "workers", 1, 1024)?.unwrap_or(1);
         let stop_requests = ruby
             .class_object()
