@@ -38,7 +38,7 @@ pub struct Activity {
     head_started: AtomicU64,
     idle_since: AtomicU64,
     write_stalled: AtomicU64,
-    /// Wakes the task when a write stalls (a deadline appears mid-request).
+    /// Wakes the task when its next deadline may have moved.
     changed: Notify,
 }
 
@@ -81,12 +81,15 @@ impl Activity {
     pub fn request_started(&self) {
         self.requests.fetch_add(1, Ordering::AcqRel);
         self.head_started.store(0, Ordering::Release);
+        self.changed.notify_one();
     }
 
     /// hyper is done with a response body (the connection may go idle).
     pub fn response_finished(&self) {
         self.responses.fetch_add(1, Ordering::AcqRel);
         self.idle_since.store(self.now(), Ordering::Release);
+        // The idle deadline may be earlier than the one the task sleeps on.
+        self.changed.notify_one();
     }
 
     fn on_read(&self) {

@@ -228,7 +228,7 @@ fn serve_connection<S>(
         // where hyper would only close.
         .header_read_timeout(None)
         .max_headers(options.limits.max_headers)
-        .max_buf_size(options.limits.max_header_bytes.max(8192))
+        .max_header_size(options.limits.max_header_bytes)
         .keep_alive(true)
         .serve_connection(WatchedIo::new(stream, activity.clone()), service);
     let timeouts = Timeouts {

@@ -11,6 +11,24 @@ module Hyperion
   class CLI
     BANNER = "Usage: hyperion [options] [config.ru]"
 
+    # Flags that map one to one onto Worker keywords: [flag, keyword, type, help].
+    WORKER_FLAGS = [
+      ["--read-timeout SECONDS", :read_timeout, Float, "Time for a request head to arrive, else 408 (default 30)"],
+      ["--max-request-read-seconds SECONDS", :max_request_read_seconds, Float,
+       "Time for a whole request, head and body, else 408 (default 60)"],
+      ["--idle-timeout SECONDS", :idle_timeout, Float, "Close an idle keep-alive connection after this (default 20)"],
+      ["--write-timeout SECONDS", :write_timeout, Float,
+       "Drop a client that reads nothing of a response for this long (default 10)"],
+      ["--graceful-timeout SECONDS", :graceful_timeout, Float,
+       "On stop, wait this long for in-flight requests (default 30)"],
+      ["--max-body-bytes BYTES", :max_body_bytes, Integer, "Largest request body, else 413 (default 1073741824)"],
+      ["--max-uri-bytes BYTES", :max_uri_bytes, Integer, "Longest request target, else 414 (default 12288)"],
+      ["--max-header-bytes BYTES", :max_header_bytes, Integer, "Largest header section, else 431 (default 114688)"],
+      ["--max-headers COUNT", :max_headers, Integer, "Most header lines, else 431 (default 100)"],
+      ["--max-pending COUNT", :max_pending, Integer,
+       "Requests allowed to wait for a thread before new ones get 503 (default: no limit)"]
+    ].freeze
+
     def initialize(argv, out: $stdout, err: $stderr)
       @argv = argv.dup
       @out = out
@@ -31,9 +49,7 @@ module Hyperion
         @out.puts "listening on #{url}"
         @out.flush
       end
-      worker = Worker.new(host: options[:host], port: port, app: app,
-                          read_timeout: config.read_timeout, thread_count: options[:threads],
-                          config: config, listener: listener)
+      worker = build_worker(options, app, port, config, listener)
       worker.run
       0
     rescue OptionParser::ParseError => e
@@ -46,9 +62,19 @@ module Hyperion
 
     private
 
+    def build_worker(options, app, port, config, listener)
+      keywords = { read_timeout: config.read_timeout }.merge(options[:worker])
+      Worker.new(host: options[:host], port: port, app: app, thread_count: options[:threads], config: config,
+                 listener: listener, **keywords)
+    rescue ArgumentError, TypeError => e
+      # Worker messages start with the keyword; name the flag instead.
+      flag = WORKER_FLAGS.find { |(_, keyword)| e.message.start_with?("#{keyword}:") }
+      raise ConfigError, flag ? e.message.sub(/\A#{flag[1]}:/, "#{flag[0].split.first}:") : e.message
+    end
+
     def parse
       options = { host: Config::DEFAULTS[:host], port: Config::DEFAULTS[:port],
-                  threads: Config::DEFAULTS[:threads] }
+                  threads: Config::DEFAULTS[:threads], worker: {} }
       parser = OptionParser.new do |o|
         o.banner = BANNER
         o.separator ""
@@ -62,6 +88,12 @@ module Hyperion
                                   "(default #{options[:threads]})") do |v|
           options[:threads] = parse_threads(v)
         end
+        o.separator ""
+        o.separator "Limits and timeouts:"
+        WORKER_FLAGS.each do |flag, keyword, type, help|
+          o.on(flag, type, help) { |v| options[:worker][keyword] = v }
+        end
+        o.separator ""
         o.on("-v", "--version", "Print the version and exit") do
           @out.puts "hyperion #{VERSION}"
           options[:exit] = true

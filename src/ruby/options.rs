@@ -186,7 +186,7 @@ pub(crate) fn apply_limit_keywords(
                 limits.max_uri_bytes = integer(ruby, &key, value, 16, 1 << 20)? as usize
             }
             "max_header_bytes" => {
-                limits.max_header_bytes = integer(ruby, &key, value, 8192, 16 << 20)? as usize
+                limits.max_header_bytes = integer(ruby, &key, value, 1024, 16 << 20)? as usize
             }
             "max_headers" => limits.max_headers = integer(ruby, &key, value, 1, 10_000)? as usize,
             "idle_timeout" => options.idle_timeout = seconds(ruby, &key, value)?,

@@ -307,6 +307,7 @@ fn serve(
             .map(|_| ());
     }
     shared.stop.stop();
+    close_adopted_listener(worker);
     tracing::debug!("stopping: draining connections");
     let cancel = Notify::new();
     let drained = wait_interruptibly(
@@ -330,6 +331,28 @@ fn serve(
         |_| {},
     );
     result.and(drained).and(joined).and(stopped)
+}
+
+/// Closes this process's handle on an adopted listener as soon as a stop
+/// begins, so new connections are refused during the drain instead of
+/// waiting in a backlog nobody accepts from. Siblings that inherited the same
+/// socket keep theirs.
+fn close_adopted_listener(worker: &Worker) {
+    let Some(listener) = worker.listener else {
+        return;
+    };
+    let Ok(ruby) = Ruby::get() else {
+        return;
+    };
+    let listener = ruby.get_inner(listener);
+    let closed = listener
+        .funcall::<_, _, bool>("closed?", ())
+        .unwrap_or(true);
+    if !closed {
+        if let Err(e) = listener.funcall::<_, _, Value>("close", ()) {
+            log_exception("could not close the listener", &e);
+        }
+    }
 }
 
 fn spawn_app_threads(
