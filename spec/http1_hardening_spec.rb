@@ -62,6 +62,40 @@ RSpec.describe "HTTP/1.1 against slow and greedy clients" do
     end
   end
 
+  describe "a keep-alive connection idle past the 1 s park threshold (hyper state dropped, socket kept)" do
+    it "serves its next request, including one split across the park" do
+      with_worker(app, idle_timeout: 10) do |port|
+        socket = connect(port)
+        socket.write("GET /before HTTP/1.1\r\nHost: x\r\n\r\n")
+        expect(socket.readpartial(4096)).to end_with("ok /before")
+        sleep 1.5
+        socket.write("GET /after HTTP/1.1\r\nHo")
+        sleep 0.1
+        socket.write("st: x\r\n\r\nGET /pipelined HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        bodies = parse_responses(read_all(socket, 3)).map(&:last)
+        expect(bodies).to eq(["ok /after", "ok /pipelined"])
+      end
+    end
+
+    it "is still closed quietly at idle_timeout, and at once on stop" do
+      with_worker(app, idle_timeout: 2) do |port, worker|
+        parked = connect(port)
+        parked.write("GET /one HTTP/1.1\r\nHost: x\r\n\r\n")
+        parked.readpartial(4096)
+        started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+        expect(read_all(parked, 5)).to eq("")
+        expect(Process.clock_gettime(Process::CLOCK_MONOTONIC) - started).to be_between(1.5, 4)
+
+        other = connect(port)
+        other.write("GET /two HTTP/1.1\r\nHost: x\r\n\r\n")
+        other.readpartial(4096)
+        sleep 1.3 # parked now
+        worker.stop
+        expect(read_all(other, 2)).to eq("")
+      end
+    end
+  end
+
   describe "write_timeout" do
     it "drops a client that stops reading a large response, and the thread is free meanwhile" do
       big = "x" * (32 * 1024 * 1024)

@@ -138,6 +138,28 @@ mod tests {
         assert_eq!(text, "0123456789abcdefghijXYZ");
     }
 
+    proptest::proptest! {
+        #[test]
+        fn the_limit_counts_every_byte(sizes in proptest::collection::vec(0usize..300, 0..12), max in 0u64..2000, memory in 1usize..600) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            let total: u64 = sizes.iter().map(|&n| n as u64).sum();
+            let frames = sizes
+                .iter()
+                .map(|&n| Ok::<_, io::Error>(http_body::Frame::data(Bytes::from(vec![b'x'; n]))))
+                .collect::<Vec<_>>();
+            let result = runtime.block_on(read_body(StreamBody::new(futures_util::stream::iter(frames)), memory, max));
+            match result {
+                Err(BodyError::TooLarge) => proptest::prop_assert!(total > max),
+                Ok(body) => {
+                    proptest::prop_assert!(total <= max);
+                    proptest::prop_assert_eq!(body.len(), total);
+                    proptest::prop_assert_eq!(matches!(body, RequestBody::File { .. }), total > memory as u64);
+                }
+                Err(other) => proptest::prop_assert!(false, "unexpected {:?}", other),
+            }
+        }
+    }
+
     #[tokio::test]
     async fn bodies_over_the_maximum_are_refused_mid_stream() {
         let result = read_body(chunks(vec![b"0123456789", b"abcdefghij"]), 100, 15).await;

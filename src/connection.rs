@@ -8,6 +8,11 @@
 //!   progress, which also frees a Ruby thread streaming to it;
 //! - on stop, hyper's graceful shutdown: idle connections close at once,
 //!   in-flight requests finish and their connection closes after them.
+//!
+//! A keep-alive connection idle for `PARK_AFTER` is "parked": hyper's state
+//! and buffers (8 KiB of read buffer and more) are dropped and only the socket
+//! is kept until the client sends again. Ten thousand idle connections then
+//! cost a few KiB each instead of ~13 KiB.
 
 use std::io;
 use std::os::fd::{BorrowedFd, RawFd};
@@ -17,9 +22,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use bytes::Bytes;
 use hyper::rt::{Read, ReadBufCursor, Write};
+use tokio::io::AsyncReadExt;
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+/// How long a keep-alive connection stays idle before hyper's state is
+/// dropped (the socket stays open; see the module docs).
+pub const PARK_AFTER: Duration = Duration::from_millis(100);
 
 /// The timeouts a connection task enforces.
 #[derive(Debug, Clone, Copy)]
@@ -38,7 +49,12 @@ pub struct Activity {
     head_started: AtomicU64,
     idle_since: AtomicU64,
     write_stalled: AtomicU64,
-    /// Wakes the task when its next deadline may have moved.
+    /// The deadline the task currently sleeps until.
+    armed: AtomicU64,
+    /// Wakes the task when its deadline moves earlier than `armed`: a write
+    /// stalls, or a response finishes while the task sleeps on a distant
+    /// deadline. Most request boundaries need no wake-up, which keeps
+    /// keep-alive traffic free of per-request task wake-ups.
     changed: Notify,
 }
 
@@ -50,6 +66,8 @@ enum Expiry {
     Idle,
     /// The client stopped reading: drop.
     Write,
+    /// Idle long enough to drop hyper's buffers and keep only the socket.
+    Park,
 }
 
 impl Activity {
@@ -61,6 +79,7 @@ impl Activity {
             head_started: AtomicU64::new(0),
             idle_since: AtomicU64::new(1),
             write_stalled: AtomicU64::new(0),
+            armed: AtomicU64::new(0),
             changed: Notify::new(),
         })
     }
@@ -73,23 +92,34 @@ impl Activity {
         self.epoch + Duration::from_millis(stamp - 1)
     }
 
+    fn stamp(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.epoch).as_millis() as u64 + 1
+    }
+
     fn in_request(&self) -> bool {
         self.requests.load(Ordering::Acquire) > self.responses.load(Ordering::Acquire)
     }
 
-    /// A request head was parsed and handed to the service.
-    pub fn request_started(&self) {
+    /// A request head was parsed and handed to the service. Returns when its
+    /// first byte arrived (now, for a head that was already buffered).
+    pub fn request_started(&self) -> Instant {
         self.requests.fetch_add(1, Ordering::AcqRel);
-        self.head_started.store(0, Ordering::Release);
-        self.changed.notify_one();
+        let head_started = self.head_started.swap(0, Ordering::AcqRel);
+        if head_started == 0 {
+            Instant::now()
+        } else {
+            self.at(head_started)
+        }
     }
 
     /// hyper is done with a response body (the connection may go idle).
     pub fn response_finished(&self) {
         self.responses.fetch_add(1, Ordering::AcqRel);
-        self.idle_since.store(self.now(), Ordering::Release);
-        // The idle deadline may be earlier than the one the task sleeps on.
-        self.changed.notify_one();
+        let now = self.now();
+        self.idle_since.store(now, Ordering::Release);
+        if self.armed.load(Ordering::Acquire) > now + PARK_AFTER.as_millis() as u64 {
+            self.changed.notify_one();
+        }
     }
 
     fn on_read(&self) {
@@ -109,7 +139,8 @@ impl Activity {
     }
 
     /// The earliest deadline that applies now, and what its expiry means.
-    fn next_deadline(&self, timeouts: &Timeouts) -> Option<(Instant, Expiry)> {
+    /// `may_park`: whether an idle connection may be parked (not while draining).
+    fn next_deadline(&self, timeouts: &Timeouts, may_park: bool) -> Option<(Instant, Expiry)> {
         let mut next: Option<(Instant, Expiry)> = None;
         let mut consider = |at: Instant, expiry| {
             if next.map_or(true, |(current, _)| at < current) {
@@ -131,25 +162,32 @@ impl Activity {
                     Expiry::Head,
                 );
             } else {
-                consider(
-                    self.at(self.idle_since.load(Ordering::Acquire)) + timeouts.idle,
-                    Expiry::Idle,
-                );
+                let idle_since = self.at(self.idle_since.load(Ordering::Acquire));
+                consider(idle_since + timeouts.idle, Expiry::Idle);
+                if may_park && stalled == 0 {
+                    consider(idle_since + PARK_AFTER, Expiry::Park);
+                }
             }
         }
         next
     }
 }
 
-/// The socket as hyper sees it, reporting reads and stalled writes.
+/// The socket as hyper sees it, reporting reads and stalled writes. Bytes
+/// read while the connection was parked are handed out first.
 pub struct WatchedIo<S> {
     inner: S,
     activity: Arc<Activity>,
+    prefix: Bytes,
 }
 
 impl<S> WatchedIo<S> {
     pub fn new(inner: S, activity: Arc<Activity>) -> Self {
-        Self { inner, activity }
+        Self {
+            inner,
+            activity,
+            prefix: Bytes::new(),
+        }
     }
 }
 
@@ -159,6 +197,13 @@ impl<S: tokio::io::AsyncRead + Unpin> Read for WatchedIo<S> {
         cx: &mut Context<'_>,
         mut buf: ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let chunk = self.prefix.split_to(n);
+            buf.put_slice(&chunk);
+            self.activity.on_read();
+            return Poll::Ready(Ok(()));
+        }
         // SAFETY: the cursor's unfilled part is handed to tokio's ReadBuf,
         // which only writes initialised bytes into it; we then advance the
         // cursor by exactly the number of bytes tokio reports as filled.
@@ -215,47 +260,130 @@ impl<S: tokio::io::AsyncWrite + Unpin> Write for WatchedIo<S> {
 const REQUEST_TIMEOUT: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
-/// Drives `connection` until it ends, a timeout expires, or (after `stop`)
-/// it has drained. `fd` is the connection's socket, used only while
-/// `connection` (which owns it) is alive.
-pub async fn drive<C>(
-    connection: Pin<&mut C>,
-    graceful_shutdown: impl Fn(Pin<&mut C>),
+/// One hyper connection over a `WatchedIo`, as `serve` drives it.
+pub trait Session<S>: std::future::Future<Output = hyper::Result<()>> + Unpin {
+    /// Stop after the in-flight request (hyper's graceful shutdown).
+    fn graceful_shutdown(&mut self);
+    /// Takes the socket back from an idle session, with any bytes hyper had
+    /// read but not parsed.
+    fn into_io(self) -> (WatchedIo<S>, Bytes);
+}
+
+enum SessionEnd {
+    /// The connection is finished (closed, failed, timed out or drained).
+    Closed,
+    /// Idle for `PARK_AFTER`: hand the socket back.
+    Park,
+}
+
+/// Serves a connection until it ends: runs hyper sessions over the socket,
+/// parking it between requests when it idles. `start` builds a session; `fd`
+/// is the socket's descriptor, used only while the socket is open.
+pub async fn serve<S, C>(
+    mut io: WatchedIo<S>,
+    start: impl Fn(WatchedIo<S>) -> C,
     fd: RawFd,
     activity: Arc<Activity>,
     timeouts: Timeouts,
     stop: &crate::stop::StopSignal,
 ) where
-    C: std::future::Future<Output = hyper::Result<()>>,
+    S: tokio::io::AsyncRead + Unpin,
+    C: Session<S>,
 {
-    let mut connection = connection;
+    loop {
+        // Boxed so that a parked connection's task holds no hyper state.
+        let mut session = Box::new(start(io));
+        if let SessionEnd::Closed = drive(&mut *session, fd, &activity, &timeouts, stop).await {
+            return;
+        }
+        let (socket, unparsed) = (*session).into_io();
+        io = socket;
+        // Bytes hyper buffered came off the socket before any still in our
+        // prefix; both go to the next session, in that order.
+        if !unparsed.is_empty() {
+            let mut joined = bytes::BytesMut::with_capacity(unparsed.len() + io.prefix.len());
+            joined.extend_from_slice(&unparsed);
+            joined.extend_from_slice(&io.prefix);
+            io.prefix = joined.freeze();
+        }
+        if io.prefix.is_empty() {
+            // Parked: no hyper state, just the socket, until the client speaks.
+            match wait_parked(&mut io, &activity, &timeouts, stop).await {
+                Some(first) => io.prefix = first,
+                None => return,
+            }
+        }
+        // The next head has begun: its read timeout runs from now, and the
+        // new session must not be parked before hyper reads the prefix.
+        activity.on_read();
+    }
+}
+
+/// Waits on a parked socket for the next request's first bytes; `None` when
+/// the connection should close (idle timeout, stop, client gone).
+async fn wait_parked<S>(
+    io: &mut WatchedIo<S>,
+    activity: &Activity,
+    timeouts: &Timeouts,
+    stop: &crate::stop::StopSignal,
+) -> Option<Bytes>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    let idle_deadline = activity.at(activity.idle_since.load(Ordering::Acquire)) + timeouts.idle;
+    let mut first = [0u8; 64];
+    tokio::select! {
+        read = io.inner.read(&mut first) => match read {
+            Ok(n) if n > 0 => Some(Bytes::copy_from_slice(&first[..n])),
+            _ => None,
+        },
+        _ = tokio::time::sleep_until(idle_deadline) => None,
+        _ = stop.stopped() => None,
+    }
+}
+
+/// Drives one session until the connection ends, a timeout expires, it has
+/// drained after a stop, or it idles long enough to park.
+async fn drive<S, C: Session<S>>(
+    session: &mut C,
+    fd: RawFd,
+    activity: &Activity,
+    timeouts: &Timeouts,
+    stop: &crate::stop::StopSignal,
+) -> SessionEnd {
     let stopped = stop.stopped();
     tokio::pin!(stopped);
     let mut draining = false;
     loop {
-        let deadline = activity.next_deadline(&timeouts);
-        let sleep_until =
-            deadline.map_or_else(|| Instant::now() + Duration::from_secs(3600), |(at, _)| at);
+        // With no deadline (a request in flight), look again after
+        // PARK_AFTER: the response may have finished by then.
+        let sleep_until = activity
+            .next_deadline(timeouts, !draining)
+            .map_or_else(|| Instant::now() + PARK_AFTER, |(at, _)| at);
+        activity
+            .armed
+            .store(activity.stamp(sleep_until), Ordering::Release);
         tokio::select! {
-            result = connection.as_mut() => {
+            result = &mut *session => {
                 if let Err(e) = result {
                     tracing::debug!(error = %e, "connection ended with an error");
                 }
-                return;
+                return SessionEnd::Closed;
             }
-            _ = tokio::time::sleep_until(sleep_until), if deadline.is_some() => {
-                match activity.next_deadline(&timeouts) {
+            _ = tokio::time::sleep_until(sleep_until) => {
+                match activity.next_deadline(timeouts, !draining) {
+                    Some((at, Expiry::Park)) if at <= Instant::now() => return SessionEnd::Park,
                     Some((at, expiry)) if at <= Instant::now() => {
                         if expiry == Expiry::Head {
-                            // SAFETY: `connection` owns the socket and is still
-                            // alive (it is dropped by our caller after we return),
-                            // so the descriptor is open; the write is a single
+                            // SAFETY: `session` owns the socket and is alive
+                            // until our caller drops it after we return, so
+                            // the descriptor is open; the write is a single
                             // non-blocking best-effort send.
                             let socket = unsafe { BorrowedFd::borrow_raw(fd) };
                             let _ = nix::unistd::write(socket, REQUEST_TIMEOUT);
                         }
                         tracing::debug!(?expiry, "connection timed out");
-                        return;
+                        return SessionEnd::Closed;
                     }
                     _ => continue,
                 }
@@ -263,7 +391,7 @@ pub async fn drive<C>(
             _ = activity.changed.notified() => continue,
             _ = &mut stopped, if !draining => {
                 draining = true;
-                graceful_shutdown(connection.as_mut());
+                session.graceful_shutdown();
             }
         }
     }
@@ -318,7 +446,7 @@ mod tests {
     async fn deadlines_follow_the_connection_phase() {
         let activity = Activity::new();
         let start = Instant::now();
-        let (at, expiry) = activity.next_deadline(&TIMEOUTS).unwrap();
+        let (at, expiry) = activity.next_deadline(&TIMEOUTS, false).unwrap();
         assert_eq!(
             expiry,
             Expiry::Head,
@@ -328,19 +456,30 @@ mod tests {
 
         activity.request_started();
         assert_eq!(
-            activity.next_deadline(&TIMEOUTS),
+            activity.next_deadline(&TIMEOUTS, false),
             None,
             "no timer while the app works"
         );
         activity.on_write(true);
-        assert_eq!(activity.next_deadline(&TIMEOUTS).unwrap().1, Expiry::Write);
+        assert_eq!(
+            activity.next_deadline(&TIMEOUTS, false).unwrap().1,
+            Expiry::Write
+        );
         activity.on_write(false);
         activity.response_finished();
-        assert_eq!(activity.next_deadline(&TIMEOUTS).unwrap().1, Expiry::Idle);
+        assert_eq!(
+            activity.next_deadline(&TIMEOUTS, false).unwrap().1,
+            Expiry::Idle
+        );
+        assert_eq!(
+            activity.next_deadline(&TIMEOUTS, true).unwrap().1,
+            Expiry::Park,
+            "an idle connection parks long before its idle timeout"
+        );
 
         tokio::time::advance(Duration::from_secs(1)).await;
         activity.on_read();
-        let (at, expiry) = activity.next_deadline(&TIMEOUTS).unwrap();
+        let (at, expiry) = activity.next_deadline(&TIMEOUTS, false).unwrap();
         assert_eq!(
             expiry,
             Expiry::Head,

@@ -156,6 +156,14 @@ mod tests {
         }
 
         #[test]
+        fn server_name_is_the_host_or_the_bound_address(s in "\\PC{0,40}", port in 0u16..) {
+            let (name, port_text) = server_name_and_port(Some(&s), 80, "127.0.0.1", port);
+            prop_assert!(!name.is_empty());
+            prop_assert!(port_text.parse::<u32>().is_ok());
+            prop_assert!(s.starts_with(&name) || name == "127.0.0.1");
+        }
+
+        #[test]
         fn host_port_round_trips(name in "[a-z][a-z0-9.-]{0,30}", port in 0u16..) {
             let authority = format!("{name}:{port}");
             let port_text = port.to_string();

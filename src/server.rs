@@ -26,7 +26,7 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, error, warn};
 
 use crate::body::{read_body, BodyError};
-use crate::connection::{drive, Activity, ConnectionCount, Timeouts, WatchedIo};
+use crate::connection::{serve, Activity, ConnectionCount, Session, Timeouts, WatchedIo};
 use crate::error::Error;
 use crate::limits::{check_head, Limits};
 use crate::listener::{AsyncListener, Listener};
@@ -211,9 +211,15 @@ fn serve_connection<S>(
     let service = {
         let (info, shared, activity) = (info.clone(), shared.clone(), activity.clone());
         service_fn(move |request| {
-            activity.request_started();
-            let response =
-                handle_request(request, remote_addr.clone(), info.clone(), shared.clone());
+            let head_started = activity.request_started();
+            let deadline = head_started + shared.options.max_request_read;
+            let response = handle_request(
+                request,
+                deadline,
+                remote_addr.clone(),
+                info.clone(),
+                shared.clone(),
+            );
             let activity = activity.clone();
             async move {
                 let response = response.await?;
@@ -222,36 +228,64 @@ fn serve_connection<S>(
         })
     };
     let options = &shared.options;
-    let connection = http1::Builder::new()
+    let mut builder = http1::Builder::new();
+    builder
         .timer(TokioTimer::new())
-        // Head timing is enforced by `connection::drive`, which answers 408
+        // Head timing is enforced by `connection::serve`, which answers 408
         // where hyper would only close.
         .header_read_timeout(None)
         .max_headers(options.limits.max_headers)
         .max_header_size(options.limits.max_header_bytes)
-        .keep_alive(true)
-        .serve_connection(WatchedIo::new(stream, activity.clone()), service);
+        .keep_alive(true);
+    let start = move |io| HyperSession(builder.serve_connection(io, service.clone()));
     let timeouts = Timeouts {
         read: options.read_timeout,
         idle: options.idle_timeout,
         write: options.write_timeout,
     };
+    let io = WatchedIo::new(stream, activity.clone());
     let (guard, shared) = (connections.enter(), shared.clone());
-    tokio::spawn(async move {
-        // Declared first, dropped last: the connection (and its socket) is
-        // gone before the drain count goes down.
+    let task = async move {
+        // Declared first, dropped last: the socket is closed before the
+        // drain count goes down.
         let _live = guard;
-        tokio::pin!(connection);
-        drive(
-            connection.as_mut(),
-            |c| c.graceful_shutdown(),
-            fd,
-            activity,
-            timeouts,
-            &shared.stop,
-        )
-        .await;
-    });
+        serve(io, start, fd, activity, timeouts, &shared.stop).await;
+    };
+    tokio::spawn(task);
+}
+
+/// hyper's HTTP/1.1 connection as a `connection::Session`.
+struct HyperSession<S, Svc>(http1::Connection<WatchedIo<S>, Svc>)
+where
+    Svc: hyper::service::HttpService<Incoming>;
+
+impl<S, Svc> std::future::Future for HyperSession<S, Svc>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    Svc: hyper::service::HttpService<Incoming, ResBody = TrackedBody> + Unpin,
+    Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Output = hyper::Result<()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<S, Svc> Session<S> for HyperSession<S, Svc>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+    Svc: hyper::service::HttpService<Incoming, ResBody = TrackedBody> + Unpin,
+    Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(&mut self) {
+        Pin::new(&mut self.0).graceful_shutdown();
+    }
+
+    fn into_io(self) -> (WatchedIo<S>, Bytes) {
+        let parts = self.0.into_parts();
+        (parts.io, parts.read_buf)
+    }
 }
 
 /// A response body that tells the connection when hyper is done with it, so
@@ -287,13 +321,15 @@ impl Body for TrackedBody {
     }
 }
 
+/// `deadline`: when the whole request (counted from its head's first byte)
+/// must have arrived.
 async fn handle_request(
     request: Request<Incoming>,
+    deadline: Instant,
     remote_addr: Arc<str>,
     server: Arc<ServerInfo>,
     shared: Arc<Shared>,
 ) -> Result<Response<ResponseBody>, Infallible> {
-    let deadline = Instant::now() + shared.options.max_request_read;
     let (head, body) = request.into_parts();
     let limits = &shared.options.limits;
     if let Err(rejection) = check_head(&head, limits) {

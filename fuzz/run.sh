@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Property-based fuzzing of every input Hyperion parses itself: Host/authority
+# splitting and SERVER_NAME/PORT, header name → env key, the request checks
+# (limits, Host/Expect rules, transfer codings) and the body size limit.
+# HTTP framing itself (chunks, Content-Length, request lines) is hyper's.
+#
+#   fuzz/run.sh [SECONDS]     (default 600)
+#
+# Runs the proptest properties of src/host.rs, src/limits.rs and src/body.rs
+# over and over, each round with a fresh random seed and CASES cases per
+# property, until SECONDS have passed. A failure stops the run and proptest
+# prints the minimal failing input (and saves it under proptest-regressions/).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+seconds=${1:-600}
+cases=${CASES:-20000}
+deadline=$(( $(date +%s) + seconds ))
+rounds=0
+cargo test --release --quiet --lib --no-run
+while [ "$(date +%s)" -lt "$deadline" ]; do
+  PROPTEST_CASES=$cases cargo test --release --quiet --lib -- host:: limits:: body:: >/dev/null
+  rounds=$((rounds + 1))
+done
+echo "fuzz: $rounds rounds x $cases cases per property, ${seconds}s, no failure"
