@@ -43,8 +43,12 @@ RSpec.describe Hyperion::Worker do
     end
 
     it "rejects an unknown tls or h2 setting by name" do
-      expect { described_class.new(**required, tls: { cert: "a", key: "b", ca: "c" }) }
-        .to raise_error(ArgumentError, /tls: unknown key :ca/)
+      expect { described_class.new(**required, tls: { cert: "a", key: "b", ciphers: "c" }) }
+        .to raise_error(ArgumentError, /tls: unknown key :ciphers/)
+      expect { described_class.new(**required, tls: { cert: "a", key: "b", verify_mode: :peer }) }
+        .to raise_error(ArgumentError, /tls: verify_mode needs :ca/)
+      expect { described_class.new(**required, tls: { self_signed: true, cert: "a" }) }
+        .to raise_error(ArgumentError, /either :cert and :key, or self_signed/)
       expect { described_class.new(**required, h2_settings: { bogus: 1 }) }
         .to raise_error(ArgumentError, /unknown setting "bogus"/)
     end
@@ -176,9 +180,9 @@ RSpec.describe Hyperion::Worker do
       expect(Process.clock_gettime(Process::CLOCK_MONOTONIC) - started).to be < 3
     end
 
-    it "does not accept tls: for serving yet and says so" do
-      worker = described_class.new(**required, tls: { cert: "c.pem", key: "k.pem" })
-      expect { worker.run }.to raise_error(Hyperion::Error, /TLS serving is not available/)
+    it "checks tls: files when it runs, before binding" do
+      worker = described_class.new(**required, tls: { cert: "/nonexistent/c.pem", key: "/nonexistent/k.pem" })
+      expect { worker.run }.to raise_error(Hyperion::TLSError, %r{cannot read the TLS certificate /nonexistent/c.pem})
     end
   end
 end

@@ -277,12 +277,13 @@ enum SessionEnd {
 }
 
 /// Serves a connection until it ends: runs hyper sessions over the socket,
-/// parking it between requests when it idles. `start` builds a session; `fd`
-/// is the socket's descriptor, used only while the socket is open.
+/// parking it between requests when it idles. `start` builds a session;
+/// `plaintext_fd` is the socket's descriptor when a raw 408 may be written to
+/// it (not under TLS), used only while the socket is open.
 pub async fn serve<S, C>(
     mut io: WatchedIo<S>,
     start: impl Fn(WatchedIo<S>) -> C,
-    fd: RawFd,
+    plaintext_fd: Option<RawFd>,
     activity: Arc<Activity>,
     timeouts: Timeouts,
     stop: &crate::stop::StopSignal,
@@ -293,7 +294,9 @@ pub async fn serve<S, C>(
     loop {
         // Boxed so that a parked connection's task holds no hyper state.
         let mut session = Box::new(start(io));
-        if let SessionEnd::Closed = drive(&mut *session, fd, &activity, &timeouts, stop).await {
+        if let SessionEnd::Closed =
+            drive(&mut *session, plaintext_fd, &activity, &timeouts, stop).await
+        {
             return;
         }
         let (socket, unparsed) = (*session).into_io();
@@ -346,7 +349,7 @@ where
 /// drained after a stop, or it idles long enough to park.
 async fn drive<S, C: Session<S>>(
     session: &mut C,
-    fd: RawFd,
+    plaintext_fd: Option<RawFd>,
     activity: &Activity,
     timeouts: &Timeouts,
     stop: &crate::stop::StopSignal,
@@ -374,7 +377,7 @@ async fn drive<S, C: Session<S>>(
                 match activity.next_deadline(timeouts, !draining) {
                     Some((at, Expiry::Park)) if at <= Instant::now() => return SessionEnd::Park,
                     Some((at, expiry)) if at <= Instant::now() => {
-                        if expiry == Expiry::Head {
+                        if let (Expiry::Head, Some(fd)) = (expiry, plaintext_fd) {
                             // SAFETY: `session` owns the socket and is alive
                             // until our caller drops it after we return, so
                             // the descriptor is open; the write is a single

@@ -12,11 +12,17 @@ pub enum Error {
     Listener(String),
     /// The I/O runtime could not be started.
     Runtime(io::Error),
+    /// TLS files or settings that cannot work (the message says which).
+    Tls(String),
 }
 
 impl Error {
     pub fn is_bind(&self) -> bool {
         matches!(self, Error::Bind { .. })
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Error::Tls(_))
     }
 }
 
@@ -34,6 +40,7 @@ impl fmt::Display for Error {
             }
             Error::Listener(why) => write!(f, "listener: {why}"),
             Error::Runtime(source) => write!(f, "could not start the I/O runtime: {source}"),
+            Error::Tls(why) => f.write_str(why),
         }
     }
 }
@@ -42,7 +49,7 @@ impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Bind { source, .. } | Error::Runtime(source) => Some(source),
-            Error::Listener(_) => None,
+            Error::Listener(_) | Error::Tls(_) => None,
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod request;
 pub mod response;
 pub mod server;
 pub mod stop;
+pub mod tls;
 pub mod wait;
 
 #[cfg(feature = "ruby")]

@@ -34,6 +34,8 @@ pub struct RequestData {
     pub body: RequestBody,
     /// The peer's IP address; "127.0.0.1" for unix-socket peers, as Puma does.
     pub remote_addr: Arc<str>,
+    /// PEM of the client's verified TLS certificate, when it sent one.
+    pub client_cert: Option<Arc<str>>,
     pub server: Arc<ServerInfo>,
 }
 

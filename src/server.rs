@@ -34,6 +34,7 @@ use crate::queue::{JobQueue, PushError};
 use crate::request::{Job, RequestData, ServerInfo};
 use crate::response::{plain_response, ResponseBody, StreamAborted};
 use crate::stop::StopSignal;
+use tokio_rustls::TlsAcceptor;
 
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
@@ -96,10 +97,13 @@ pub struct Server {
 impl Server {
     /// Starts the runtime and the accept loop. Must run after any fork: the
     /// runtime's threads exist only in the process that calls this.
+    /// With `tls`, every connection is a TLS connection (handshake inside
+    /// its own task, bounded by `read_timeout`).
     pub fn start(
         listener: Listener,
         info: ServerInfo,
         shared: Arc<Shared>,
+        tls: Option<TlsAcceptor>,
     ) -> Result<Server, Error> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(shared.options.io_threads.max(1))
@@ -111,7 +115,7 @@ impl Server {
             let _entered = runtime.enter();
             listener.into_async().map_err(Error::Runtime)?
         };
-        let accept_loop = runtime.spawn(accept_loop(listener, Arc::new(info), shared));
+        let accept_loop = runtime.spawn(accept_loop(listener, Arc::new(info), shared, tls));
         Ok(Server {
             runtime,
             accept_loop,
@@ -141,7 +145,12 @@ impl Server {
     }
 }
 
-async fn accept_loop(listener: AsyncListener, info: Arc<ServerInfo>, shared: Arc<Shared>) {
+async fn accept_loop(
+    listener: AsyncListener,
+    info: Arc<ServerInfo>,
+    shared: Arc<Shared>,
+    tls: Option<TlsAcceptor>,
+) {
     let connections = Arc::new(ConnectionCount::default());
     let stopped = shared.stop.stopped();
     tokio::pin!(stopped);
@@ -155,10 +164,34 @@ async fn accept_loop(listener: AsyncListener, info: Arc<ServerInfo>, shared: Arc
             Ok(Accepted::Tcp(stream, remote)) => {
                 // Responses are written whole or in large chunks; Nagle only adds latency.
                 let _ = stream.set_nodelay(true);
-                serve_connection(stream, remote, &info, &shared, &connections);
+                let (info, shared, live) = (info.clone(), shared.clone(), connections.enter());
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let _live = live;
+                    let peer = Peer {
+                        remote_addr: remote,
+                        client_cert: None,
+                    };
+                    match tls {
+                        None => {
+                            let fd = stream.as_raw_fd();
+                            serve_connection(stream, Some(fd), peer, info, shared).await
+                        }
+                        Some(acceptor) => serve_tls(acceptor, stream, peer, info, shared).await,
+                    }
+                });
             }
             Ok(Accepted::Unix(stream)) => {
-                serve_connection(stream, Arc::from("127.0.0.1"), &info, &shared, &connections)
+                let (info, shared, live) = (info.clone(), shared.clone(), connections.enter());
+                tokio::spawn(async move {
+                    let _live = live;
+                    let fd = stream.as_raw_fd();
+                    let peer = Peer {
+                        remote_addr: Arc::from("127.0.0.1"),
+                        client_cert: None,
+                    };
+                    serve_connection(stream, Some(fd), peer, info, shared).await
+                });
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -197,16 +230,50 @@ async fn accept(listener: &AsyncListener) -> io::Result<Accepted> {
     }
 }
 
-fn serve_connection<S>(
-    stream: S,
+/// Who is on the other end of a connection, as the env reports it.
+#[derive(Clone)]
+struct Peer {
     remote_addr: Arc<str>,
-    info: &Arc<ServerInfo>,
-    shared: &Arc<Shared>,
-    connections: &Arc<ConnectionCount>,
+    /// PEM of a verified client certificate (mTLS).
+    client_cert: Option<Arc<str>>,
+}
+
+/// Runs the TLS handshake (bounded by `read_timeout`), then serves. A failed
+/// or stalled handshake only ends this connection.
+async fn serve_tls(
+    acceptor: TlsAcceptor,
+    stream: tokio::net::TcpStream,
+    mut peer: Peer,
+    info: Arc<ServerInfo>,
+    shared: Arc<Shared>,
+) {
+    let stream = match timeout(shared.options.read_timeout, acceptor.accept(stream)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(e)) => return debug!(error = %e, "TLS handshake failed"),
+        Err(_) => return debug!("TLS handshake timed out"),
+    };
+    peer.client_cert = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .map(|leaf| Arc::from(crate::tls::pem(leaf)));
+    // No raw 408 under TLS: it would have to be encrypted; a timed-out head
+    // just closes.
+    serve_connection(stream, None, peer, info, shared).await
+}
+
+/// Serves HTTP/1.1 on one connection until it ends. `plaintext_fd` is the
+/// socket's descriptor when bytes can be written to it directly (not TLS).
+async fn serve_connection<S>(
+    stream: S,
+    plaintext_fd: Option<RawFd>,
+    peer: Peer,
+    info: Arc<ServerInfo>,
+    shared: Arc<Shared>,
 ) where
-    S: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let fd: RawFd = stream.as_raw_fd();
     let activity = Activity::new();
     let service = {
         let (info, shared, activity) = (info.clone(), shared.clone(), activity.clone());
@@ -216,7 +283,7 @@ fn serve_connection<S>(
             let response = handle_request(
                 request,
                 deadline,
-                remote_addr.clone(),
+                peer.clone(),
                 info.clone(),
                 shared.clone(),
             );
@@ -244,14 +311,7 @@ fn serve_connection<S>(
         write: options.write_timeout,
     };
     let io = WatchedIo::new(stream, activity.clone());
-    let (guard, shared) = (connections.enter(), shared.clone());
-    let task = async move {
-        // Declared first, dropped last: the socket is closed before the
-        // drain count goes down.
-        let _live = guard;
-        serve(io, start, fd, activity, timeouts, &shared.stop).await;
-    };
-    tokio::spawn(task);
+    serve(io, start, plaintext_fd, activity, timeouts, &shared.stop).await;
 }
 
 /// hyper's HTTP/1.1 connection as a `connection::Session`.
@@ -326,7 +386,7 @@ impl Body for TrackedBody {
 async fn handle_request(
     request: Request<Incoming>,
     deadline: Instant,
-    remote_addr: Arc<str>,
+    peer: Peer,
     server: Arc<ServerInfo>,
     shared: Arc<Shared>,
 ) -> Result<Response<ResponseBody>, Infallible> {
@@ -362,7 +422,8 @@ async fn handle_request(
         request: RequestData {
             head,
             body,
-            remote_addr,
+            remote_addr: peer.remote_addr,
+            client_cert: peer.client_cert,
             server,
         },
         reply,
@@ -404,7 +465,7 @@ mod tests {
             host: "127.0.0.1".into(),
             port,
         };
-        let server = Server::start(listener, info, shared.clone()).unwrap();
+        let server = Server::start(listener, info, shared.clone(), None).unwrap();
         let consumer = {
             let shared = shared.clone();
             std::thread::spawn(move || {
@@ -471,7 +532,7 @@ mod tests {
             host: "127.0.0.1".into(),
             port,
         };
-        let server = Server::start(listener, info, shared.clone()).unwrap();
+        let server = Server::start(listener, info, shared.clone(), None).unwrap();
         // No consumer: the first request fills the queue, the second is refused.
         let mut first = TcpStream::connect(("127.0.0.1", port)).unwrap();
         first

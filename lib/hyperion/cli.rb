@@ -40,16 +40,17 @@ module Hyperion
       options = parse
       return 0 if options[:exit]
 
+      tls = tls_settings(options[:tls])
       app = load_rackup(options[:rackup])
       listener = bind(options[:host], options[:port])
       port = listener.local_address.ip_port
-      url = "http://#{url_host(options[:host])}:#{port}"
+      url = "#{tls ? 'https' : 'http'}://#{url_host(options[:host])}:#{port}"
       config = Config.new(threads: options[:threads])
       config.on_worker_boot << lambda do |_index|
         @out.puts "listening on #{url}"
         @out.flush
       end
-      worker = build_worker(options, app, port, config, listener)
+      worker = build_worker(options.merge(tls_keyword: tls), app, port, config, listener)
       worker.run
       0
     rescue OptionParser::ParseError => e
@@ -63,7 +64,7 @@ module Hyperion
     private
 
     def build_worker(options, app, port, config, listener)
-      keywords = { read_timeout: config.read_timeout }.merge(options[:worker])
+      keywords = { read_timeout: config.read_timeout, tls: options[:tls_keyword] }.merge(options[:worker])
       Worker.new(host: options[:host], port: port, app: app, thread_count: options[:threads], config: config,
                  listener: listener, **keywords)
     rescue ArgumentError, TypeError => e
@@ -74,7 +75,7 @@ module Hyperion
 
     def parse
       options = { host: Config::DEFAULTS[:host], port: Config::DEFAULTS[:port],
-                  threads: Config::DEFAULTS[:threads], worker: {} }
+                  threads: Config::DEFAULTS[:threads], worker: {}, tls: {} }
       parser = OptionParser.new do |o|
         o.banner = BANNER
         o.separator ""
@@ -87,6 +88,20 @@ module Hyperion
         o.on("-t", "--threads N", "Ruby threads that run the app; Puma's MIN:MAX is accepted, MAX is used " \
                                   "(default #{options[:threads]})") do |v|
           options[:threads] = parse_threads(v)
+        end
+        o.separator ""
+        o.separator "TLS:"
+        o.on("--tls-cert PATH", "PEM certificate chain; serves https") { |v| options[:tls][:cert] = v }
+        o.on("--tls-key PATH", "PEM private key for --tls-cert") { |v| options[:tls][:key] = v }
+        o.on("--tls-self-signed", "Generate a development certificate for localhost at boot") do
+          options[:tls][:self_signed] = true
+        end
+        o.on("--tls-ca PATH", "PEM CAs that sign client certificates (with --tls-verify-mode)") do |v|
+          options[:tls][:ca] = v
+        end
+        o.on("--tls-verify-mode MODE", %w[none peer force_peer],
+             "Client certificates: none, peer (optional) or force_peer (required)") do |v|
+          options[:tls][:verify_mode] = v.to_sym
         end
         o.separator ""
         o.separator "Limits and timeouts:"
@@ -108,6 +123,18 @@ module Hyperion
 
       options[:rackup] = rest.first || "config.ru"
       options
+    end
+
+    def tls_settings(tls)
+      return nil if tls.empty?
+      raise ConfigError, "--tls-key given without --tls-cert" if tls[:key] && !tls[:cert]
+      raise ConfigError, "--tls-cert given without --tls-key" if tls[:cert] && !tls[:key]
+      if tls[:self_signed] && tls[:cert]
+        raise ConfigError, "--tls-self-signed and --tls-cert exclude each other; give one"
+      end
+      raise ConfigError, "--tls-ca and --tls-verify-mode need --tls-cert or --tls-self-signed" unless tls[:cert] || tls[:self_signed]
+
+      tls
     end
 
     def parse_threads(value)

@@ -7,6 +7,10 @@ module Hyperion
   # The listening address could not be bound (in use, no permission...).
   class BindError < Error; end
 
+  # TLS certificate, key or CA files that cannot work (unreadable, not PEM,
+  # key not matching the certificate, expired).
+  class TLSError < Error; end
+
   # A configuration or command-line value that cannot work.
   class ConfigError < Error; end
 

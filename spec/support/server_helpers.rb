@@ -119,7 +119,7 @@ module ServerHelpers
     deadline = Time.now + timeout
     until Time.now > deadline
       text = File.exist?(log) ? File.read(log) : ""
-      return Integer(Regexp.last_match(1)) if text =~ %r{listening on http://[^\s]+:(\d+)}
+      return Integer(Regexp.last_match(1)) if text =~ %r{listening on https?://[^\s]+:(\d+)}
       raise "server exited before listening:\n#{text}" if Process.waitpid(pid, Process::WNOHANG)
 
       sleep 0.05

@@ -29,6 +29,7 @@ pub(crate) fn build_env(
         head,
         body,
         remote_addr,
+        client_cert,
         server,
     } = request;
     let env = ruby.hash_new();
@@ -74,12 +75,15 @@ pub(crate) fn build_env(
         &RACK_VERSION,
         ruby.get_inner(&RACK_VERSION_VALUE).as_value(),
     )?;
-    let scheme = if server.scheme == "https" {
-        &HTTPS
+    if server.scheme == "https" {
+        set(&RACK_URL_SCHEME, ruby.get_inner(&HTTPS).as_value())?;
+        set(&HTTPS_KEY, ruby.get_inner(&ON).as_value())?;
     } else {
-        &HTTP
-    };
-    set(&RACK_URL_SCHEME, ruby.get_inner(scheme).as_value())?;
+        set(&RACK_URL_SCHEME, ruby.get_inner(&HTTP).as_value())?;
+    }
+    if let Some(pem) = client_cert {
+        set(&SSL_CLIENT_CERT, bytes(pem.as_bytes()))?;
+    }
     set(&RACK_INPUT, input_value(ruby, body)?)?;
     set(&RACK_ERRORS, stderr())?;
     set(&RACK_MULTITHREAD, flags.multithread.into_value_with(ruby))?;

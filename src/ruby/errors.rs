@@ -17,12 +17,16 @@ pub(crate) static HYPERION_ERROR: Lazy<ExceptionClass> =
     Lazy::new(|ruby| exception_class(ruby, "Error"));
 pub(crate) static BIND_ERROR: Lazy<ExceptionClass> =
     Lazy::new(|ruby| exception_class(ruby, "BindError"));
+pub(crate) static TLS_ERROR: Lazy<ExceptionClass> =
+    Lazy::new(|ruby| exception_class(ruby, "TLSError"));
 pub(crate) static CLIENT_DISCONNECTED: Lazy<ExceptionClass> =
     Lazy::new(|ruby| exception_class(ruby, "ClientDisconnected"));
 
 pub(crate) fn to_ruby(ruby: &Ruby, error: CoreError) -> Error {
     let class = if error.is_bind() {
         ruby.get_inner(&BIND_ERROR)
+    } else if error.is_tls() {
+        ruby.get_inner(&TLS_ERROR)
     } else {
         ruby.get_inner(&HYPERION_ERROR)
     };

@@ -36,6 +36,9 @@ interned! {
     RACK_MULTIPROCESS = "rack.multiprocess";
     RACK_RUN_ONCE = "rack.run_once";
     RACK_HIJACK_P = "rack.hijack?";
+    HTTPS_KEY = "HTTPS";
+    ON = "on";
+    SSL_CLIENT_CERT = "SSL_CLIENT_CERT";
     HTTP_HOST = "HTTP_HOST";
     HTTP_USER_AGENT = "HTTP_USER_AGENT";
     HTTP_ACCEPT = "HTTP_ACCEPT";
@@ -85,6 +88,7 @@ pub(crate) fn check_constants(ruby: &Ruby) -> Result<(), magnus::Error> {
         "Hyperion::Config",
         "Hyperion::Error",
         "Hyperion::BindError",
+        "Hyperion::TLSError",
         "Hyperion::ClientDisconnected",
     ] {
         ruby.class_object()

@@ -8,14 +8,7 @@ use magnus::{Error, Float, Integer, RHash, RString, Ruby, Symbol, Value};
 use super::errors::class_of;
 use crate::h2_settings::H2Settings;
 use crate::server::ServerOptions;
-
-/// `tls:` as given; certificates are loaded when TLS lands.
-#[derive(Debug, Clone)]
-#[allow(dead_code)]
-pub(crate) struct TlsFiles {
-    pub cert: String,
-    pub key: String,
-}
+use crate::tls::{Certificate, ClientAuth, TlsSettings};
 
 pub(crate) fn type_error(ruby: &Ruby, key: &str, expected: &str, got: Value) -> Error {
     Error::new(
@@ -110,34 +103,80 @@ fn hash_entries(ruby: &Ruby, key: &str, value: Value) -> Result<Vec<(String, Val
     Ok(entries)
 }
 
-pub(crate) fn tls(ruby: &Ruby, value: Option<Value>) -> Result<Option<TlsFiles>, Error> {
+/// `tls: { cert:, key: }`, `tls: { self_signed: true }`, plus optional
+/// `ca:` and `verify_mode: :none | :peer | :force_peer` for client
+/// certificates. Files are read (and checked) when `run` starts.
+pub(crate) fn tls(ruby: &Ruby, value: Option<Value>) -> Result<Option<TlsSettings>, Error> {
     let Some(value) = value.filter(|v| !v.is_nil()) else {
         return Ok(None);
     };
-    let (mut cert, mut key) = (None, None);
+    let (mut cert, mut key, mut ca, mut verify, mut self_signed) = (None, None, None, None, false);
     for (name, v) in hash_entries(ruby, "tls", value)? {
         match name.as_str() {
             "cert" => cert = Some(string(ruby, "tls: cert", v)?),
             "key" => key = Some(string(ruby, "tls: key", v)?),
+            "ca" => ca = Some(string(ruby, "tls: ca", v)?),
+            "verify_mode" => {
+                verify = Some(match Symbol::from_value(v) {
+                    Some(sym) => sym.name()?.into_owned(),
+                    None => string(ruby, "tls: verify_mode", v)?,
+                })
+            }
+            "self_signed" => self_signed = boolean(ruby, "tls: self_signed", Some(v))?.unwrap_or(false),
             other => {
                 return Err(arg_error(
                     ruby,
-                    format!("tls: unknown key :{other} (known: :cert, :key)"),
+                    format!("tls: unknown key :{other} (known: :cert, :key, :self_signed, :ca, :verify_mode)"),
                 ))
             }
         }
     }
-    match (cert, key) {
-        (Some(cert), Some(key)) => Ok(Some(TlsFiles { cert, key })),
-        (None, _) => Err(arg_error(
-            ruby,
-            "tls: :cert is missing (give the PEM certificate path)".into(),
-        )),
-        (_, None) => Err(arg_error(
-            ruby,
-            "tls: :key is missing (give the PEM private key path)".into(),
-        )),
-    }
+    let certificate = match (cert, key, self_signed) {
+        (None, None, true) => Certificate::SelfSigned,
+        (Some(_), _, true) | (_, Some(_), true) => {
+            return Err(arg_error(
+                ruby,
+                "tls: give either :cert and :key, or self_signed: true, not both".into(),
+            ))
+        }
+        (Some(cert), Some(key), false) => Certificate::Files {
+            cert: cert.into(),
+            key: key.into(),
+        },
+        (None, _, false) => {
+            return Err(arg_error(
+                ruby,
+                "tls: :cert is missing (give the PEM certificate path)".into(),
+            ))
+        }
+        (_, None, false) => {
+            return Err(arg_error(
+                ruby,
+                "tls: :key is missing (give the PEM private key path)".into(),
+            ))
+        }
+    };
+    let client_auth =
+        match (verify.as_deref().unwrap_or("none"), ca) {
+            ("none", _) => ClientAuth::None,
+            ("peer", Some(ca)) => ClientAuth::Optional(ca.into()),
+            ("force_peer", Some(ca)) => ClientAuth::Required(ca.into()),
+            ("peer" | "force_peer", None) => return Err(arg_error(
+                ruby,
+                "tls: verify_mode needs :ca, the PEM file of the CAs that sign client certificates"
+                    .into(),
+            )),
+            (other, _) => {
+                return Err(arg_error(
+                    ruby,
+                    format!("tls: verify_mode must be :none, :peer or :force_peer, got {other:?}"),
+                ))
+            }
+        };
+    Ok(Some(TlsSettings {
+        certificate,
+        client_auth,
+    }))
 }
 
 pub(crate) fn h2_settings(ruby: &Ruby, value: Option<Value>) -> Result<Option<H2Settings>, Error> {

@@ -18,7 +18,7 @@ use super::app_thread::{self, AppContext};
 use super::env::EnvFlags;
 use super::errors::{hyperion_error, log_exception, to_ruby};
 use super::nogvl::wait_interruptibly;
-use super::options::{self, TlsFiles};
+use super::options;
 use crate::h2_settings::H2Settings;
 use crate::listener::Listener;
 use crate::request::ServerInfo;
@@ -30,8 +30,8 @@ struct Settings {
     port: u16,
     thread_count: usize,
     worker_index: i64,
-    /// Accepted and validated now; served once TLS lands.
-    tls: Option<TlsFiles>,
+    /// Serve TLS with these files (read at `run`).
+    tls: Option<crate::tls::TlsSettings>,
     /// Accepted and validated now; applied once HTTP/2 lands.
     #[allow(dead_code)]
     h2: Option<H2Settings>,
@@ -230,13 +230,20 @@ impl Worker {
                 "Worker#run was already called; create a new Worker to serve again",
             ));
         }
-        if worker.settings.tls.is_some() {
-            return Err(hyperion_error(
-                ruby,
-                "tls: is accepted but TLS serving is not available in this version yet; terminate TLS in a proxy",
-            ));
-        }
         crate::logging::init();
+        // Certificates are checked before binding, so a bad file fails fast.
+        let tls = match &worker.settings.tls {
+            Some(settings) => Some(crate::tls::acceptor(settings).map_err(|e| to_ruby(ruby, e))?),
+            None => None,
+        };
+        if let Some(crate::tls::TlsSettings {
+            certificate: crate::tls::Certificate::SelfSigned,
+            ..
+        }) = &worker.settings.tls
+        {
+            tracing::warn!("serving a self-signed development certificate generated for localhost; do not use it in production");
+        }
+        let scheme = if tls.is_some() { "https" } else { "http" };
         let listener = match worker.listener {
             Some(listener) => {
                 let fd: i32 = ruby.get_inner(listener).funcall("fileno", ())?;
@@ -251,7 +258,7 @@ impl Worker {
         tracing::info!(
             pid = std::process::id(),
             worker_index = worker.settings.worker_index,
-            url = %bound.url("http"),
+            url = %bound.url(scheme),
             "worker listening"
         );
 
@@ -260,11 +267,11 @@ impl Worker {
         let served = call_hooks(config, "on_worker_boot", worker.settings.worker_index, true)
             .and_then(|()| {
                 let info = ServerInfo {
-                    scheme: "http",
+                    scheme,
                     host: bound.host(),
                     port: bound.port(),
                 };
-                let result = serve(ruby, rb_self, listener, info);
+                let result = serve(ruby, rb_self, listener, info, tls);
                 // Seed semantics: shutdown hooks run whenever the loop was
                 // entered, also when it ends by error.
                 let _ = call_hooks(
@@ -287,10 +294,12 @@ fn serve(
     rb_self: Obj<Worker>,
     listener: Listener,
     info: ServerInfo,
+    tls: Option<tokio_rustls::TlsAcceptor>,
 ) -> Result<(), Error> {
     let worker = &*rb_self;
     let shared = &worker.shared;
-    let mut server = Server::start(listener, info, shared.clone()).map_err(|e| to_ruby(ruby, e))?;
+    let mut server =
+        Server::start(listener, info, shared.clone(), tls).map_err(|e| to_ruby(ruby, e))?;
     let context = Arc::new(AppContext {
         shared: shared.clone(),
         runtime: server.handle().clone(),
