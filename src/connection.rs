@@ -139,8 +139,15 @@ impl Activity {
     }
 
     /// The earliest deadline that applies now, and what its expiry means.
-    /// `may_park`: whether an idle connection may be parked (not while draining).
-    fn next_deadline(&self, timeouts: &Timeouts, may_park: bool) -> Option<(Instant, Expiry)> {
+    /// `may_park`: whether an idle connection may be parked (HTTP/1.1, not
+    /// while draining). `multiplexed` (HTTP/2): control frames such as PING
+    /// arrive between requests, so there is no head timer, only the idle one.
+    fn next_deadline(
+        &self,
+        timeouts: &Timeouts,
+        may_park: bool,
+        multiplexed: bool,
+    ) -> Option<(Instant, Expiry)> {
         let mut next: Option<(Instant, Expiry)> = None;
         let mut consider = |at: Instant, expiry| {
             if next.map_or(true, |(current, _)| at < current) {
@@ -151,7 +158,14 @@ impl Activity {
         if stalled != 0 {
             consider(self.at(stalled) + timeouts.write, Expiry::Write);
         }
-        if !self.in_request() {
+        if !self.in_request() && multiplexed {
+            let idle_since = self.at(self.idle_since.load(Ordering::Acquire));
+            let first = self.requests.load(Ordering::Acquire) == 0;
+            consider(
+                idle_since + if first { timeouts.read } else { timeouts.idle },
+                Expiry::Idle,
+            );
+        } else if !self.in_request() {
             let head_started = self.head_started.load(Ordering::Acquire);
             if head_started != 0 {
                 consider(self.at(head_started) + timeouts.read, Expiry::Head);
@@ -183,10 +197,15 @@ pub struct WatchedIo<S> {
 
 impl<S> WatchedIo<S> {
     pub fn new(inner: S, activity: Arc<Activity>) -> Self {
+        Self::with_prefix(inner, activity, Bytes::new())
+    }
+
+    /// `prefix`: bytes already read from `inner`, handed out first.
+    pub fn with_prefix(inner: S, activity: Arc<Activity>, prefix: Bytes) -> Self {
         Self {
             inner,
             activity,
-            prefix: Bytes::new(),
+            prefix,
         }
     }
 }
@@ -260,13 +279,29 @@ impl<S: tokio::io::AsyncWrite + Unpin> Write for WatchedIo<S> {
 const REQUEST_TIMEOUT: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
+/// Writes a bare 408 straight to a plaintext socket (best effort, one
+/// non-blocking write) before the connection is closed.
+///
+/// # Safety
+/// `fd` must be an open socket for the whole call: the caller owns (or
+/// holds the owner of) the stream it belongs to.
+pub unsafe fn write_request_timeout(fd: RawFd) {
+    // SAFETY: the caller guarantees `fd` is open for the duration of the call.
+    let socket = unsafe { BorrowedFd::borrow_raw(fd) };
+    let _ = nix::unistd::write(socket, REQUEST_TIMEOUT);
+}
+
 /// One hyper connection over a `WatchedIo`, as `serve` drives it.
 pub trait Session<S>: std::future::Future<Output = hyper::Result<()>> + Unpin {
     /// Stop after the in-flight request (hyper's graceful shutdown).
     fn graceful_shutdown(&mut self);
     /// Takes the socket back from an idle session, with any bytes hyper had
-    /// read but not parsed.
-    fn into_io(self) -> (WatchedIo<S>, Bytes);
+    /// read but not parsed. Only called when `multiplexed` is false.
+    fn into_io(self) -> Option<(WatchedIo<S>, Bytes)>;
+    /// HTTP/2: many requests at once, never parked, no head timer.
+    fn multiplexed(&self) -> bool {
+        false
+    }
 }
 
 enum SessionEnd {
@@ -299,7 +334,9 @@ pub async fn serve<S, C>(
         {
             return;
         }
-        let (socket, unparsed) = (*session).into_io();
+        let Some((socket, unparsed)) = (*session).into_io() else {
+            return;
+        };
         io = socket;
         // Bytes hyper buffered came off the socket before any still in our
         // prefix; both go to the next session, in that order.
@@ -360,8 +397,10 @@ async fn drive<S, C: Session<S>>(
     loop {
         // With no deadline (a request in flight), look again after
         // PARK_AFTER: the response may have finished by then.
+        let multiplexed = session.multiplexed();
+        let may_park = !draining && !multiplexed;
         let sleep_until = activity
-            .next_deadline(timeouts, !draining)
+            .next_deadline(timeouts, may_park, multiplexed)
             .map_or_else(|| Instant::now() + PARK_AFTER, |(at, _)| at);
         activity
             .armed
@@ -374,16 +413,13 @@ async fn drive<S, C: Session<S>>(
                 return SessionEnd::Closed;
             }
             _ = tokio::time::sleep_until(sleep_until) => {
-                match activity.next_deadline(timeouts, !draining) {
+                match activity.next_deadline(timeouts, may_park, multiplexed) {
                     Some((at, Expiry::Park)) if at <= Instant::now() => return SessionEnd::Park,
                     Some((at, expiry)) if at <= Instant::now() => {
                         if let (Expiry::Head, Some(fd)) = (expiry, plaintext_fd) {
                             // SAFETY: `session` owns the socket and is alive
-                            // until our caller drops it after we return, so
-                            // the descriptor is open; the write is a single
-                            // non-blocking best-effort send.
-                            let socket = unsafe { BorrowedFd::borrow_raw(fd) };
-                            let _ = nix::unistd::write(socket, REQUEST_TIMEOUT);
+                            // until our caller drops it after we return.
+                            unsafe { write_request_timeout(fd) };
                         }
                         tracing::debug!(?expiry, "connection timed out");
                         return SessionEnd::Closed;
@@ -449,7 +485,7 @@ mod tests {
     async fn deadlines_follow_the_connection_phase() {
         let activity = Activity::new();
         let start = Instant::now();
-        let (at, expiry) = activity.next_deadline(&TIMEOUTS, false).unwrap();
+        let (at, expiry) = activity.next_deadline(&TIMEOUTS, false, false).unwrap();
         assert_eq!(
             expiry,
             Expiry::Head,
@@ -459,30 +495,30 @@ mod tests {
 
         activity.request_started();
         assert_eq!(
-            activity.next_deadline(&TIMEOUTS, false),
+            activity.next_deadline(&TIMEOUTS, false, false),
             None,
             "no timer while the app works"
         );
         activity.on_write(true);
         assert_eq!(
-            activity.next_deadline(&TIMEOUTS, false).unwrap().1,
+            activity.next_deadline(&TIMEOUTS, false, false).unwrap().1,
             Expiry::Write
         );
         activity.on_write(false);
         activity.response_finished();
         assert_eq!(
-            activity.next_deadline(&TIMEOUTS, false).unwrap().1,
+            activity.next_deadline(&TIMEOUTS, false, false).unwrap().1,
             Expiry::Idle
         );
         assert_eq!(
-            activity.next_deadline(&TIMEOUTS, true).unwrap().1,
+            activity.next_deadline(&TIMEOUTS, true, false).unwrap().1,
             Expiry::Park,
             "an idle connection parks long before its idle timeout"
         );
 
         tokio::time::advance(Duration::from_secs(1)).await;
         activity.on_read();
-        let (at, expiry) = activity.next_deadline(&TIMEOUTS, false).unwrap();
+        let (at, expiry) = activity.next_deadline(&TIMEOUTS, false, false).unwrap();
         assert_eq!(
             expiry,
             Expiry::Head,

@@ -15,6 +15,7 @@ pub mod queue;
 pub mod request;
 pub mod response;
 pub mod server;
+pub mod session;
 pub mod stop;
 pub mod tls;
 pub mod wait;

@@ -54,10 +54,13 @@ pub enum ResponseBody {
     Chunks {
         chunks: VecDeque<Bytes>,
         remaining: u64,
+        trailers: Option<HeaderMap>,
     },
     Stream {
         chunks: mpsc::Receiver<Bytes>,
         aborted: Arc<AtomicBool>,
+        /// Set by the sender before it finishes (`BodySender::finish`).
+        trailers: Arc<std::sync::Mutex<Option<HeaderMap>>>,
     },
 }
 
@@ -77,22 +80,35 @@ impl ResponseBody {
         ResponseBody::Chunks {
             chunks: chunks.into_iter().filter(|c| !c.is_empty()).collect(),
             remaining,
+            trailers: None,
         }
+    }
+
+    /// Adds trailing header fields (sent after the data, e.g. gRPC's
+    /// `grpc-status`) to a body whose chunks are known.
+    pub fn with_trailers(mut self, fields: HeaderMap) -> Self {
+        if let ResponseBody::Chunks { trailers, .. } = &mut self {
+            *trailers = Some(fields);
+        }
+        self
     }
 
     /// A streaming body and the sender the Ruby thread writes into.
     pub fn channel() -> (BodySender, ResponseBody) {
         let (tx, rx) = mpsc::channel(STREAM_CAPACITY);
         let aborted = Arc::new(AtomicBool::new(false));
+        let trailers = Arc::new(std::sync::Mutex::new(None));
         let sender = BodySender {
             chunks: tx,
             aborted: aborted.clone(),
+            trailers: trailers.clone(),
         };
         (
             sender,
             ResponseBody::Stream {
                 chunks: rx,
                 aborted,
+                trailers,
             },
         )
     }
@@ -108,18 +124,30 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, StreamAborted>>> {
         match self.get_mut() {
             ResponseBody::Empty => Poll::Ready(None),
-            ResponseBody::Chunks { chunks, remaining } => {
-                Poll::Ready(chunks.pop_front().map(|chunk| {
+            ResponseBody::Chunks {
+                chunks,
+                remaining,
+                trailers,
+            } => Poll::Ready(match chunks.pop_front() {
+                Some(chunk) => {
                     *remaining -= chunk.len() as u64;
-                    Ok(Frame::data(chunk))
-                }))
-            }
-            ResponseBody::Stream { chunks, aborted } => match chunks.poll_recv(cx) {
+                    Some(Ok(Frame::data(chunk)))
+                }
+                None => trailers.take().map(|fields| Ok(Frame::trailers(fields))),
+            }),
+            ResponseBody::Stream {
+                chunks,
+                aborted,
+                trailers,
+            } => match chunks.poll_recv(cx) {
                 Poll::Ready(Some(chunk)) => Poll::Ready(Some(Ok(Frame::data(chunk)))),
                 Poll::Ready(None) if aborted.load(Ordering::Acquire) => {
                     Poll::Ready(Some(Err(StreamAborted)))
                 }
-                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Ready(None) => {
+                    let fields = trailers.lock().unwrap_or_else(|p| p.into_inner()).take();
+                    Poll::Ready(fields.map(|fields| Ok(Frame::trailers(fields))))
+                }
                 Poll::Pending => Poll::Pending,
             },
         }
@@ -128,7 +156,9 @@ impl Body for ResponseBody {
     fn is_end_stream(&self) -> bool {
         match self {
             ResponseBody::Empty => true,
-            ResponseBody::Chunks { chunks, .. } => chunks.is_empty(),
+            ResponseBody::Chunks {
+                chunks, trailers, ..
+            } => chunks.is_empty() && trailers.is_none(),
             ResponseBody::Stream { .. } => false,
         }
     }
@@ -155,6 +185,7 @@ pub enum SendError {
 pub struct BodySender {
     chunks: mpsc::Sender<Bytes>,
     aborted: Arc<AtomicBool>,
+    trailers: Arc<std::sync::Mutex<Option<HeaderMap>>>,
 }
 
 impl BodySender {
@@ -187,6 +218,11 @@ impl BodySender {
                 _ = cancel.notified() => Err(SendError::Cancelled(chunk)),
             }
         })
+    }
+
+    /// Ends the body normally, with trailing header fields.
+    pub fn finish(self, fields: HeaderMap) {
+        *self.trailers.lock().unwrap_or_else(|p| p.into_inner()) = Some(fields);
     }
 
     /// Ends the body as failed: the client sees a broken response, never a
@@ -224,6 +260,23 @@ pub fn plain_response(status: StatusCode, close: bool) -> Response<ResponseBody>
 mod tests {
     use super::*;
     use http_body_util::BodyExt;
+
+    #[tokio::test]
+    async fn trailers_follow_the_data() {
+        let mut fields = HeaderMap::new();
+        fields.insert("grpc-status", HeaderValue::from_static("0"));
+        let body =
+            ResponseBody::from_chunks(vec![Bytes::from_static(b"x")]).with_trailers(fields.clone());
+        let collected = body.collect().await.unwrap();
+        assert_eq!(collected.trailers(), Some(&fields));
+
+        let (sender, body) = ResponseBody::channel();
+        sender.try_send(Bytes::from_static(b"y")).unwrap();
+        sender.finish(fields.clone());
+        let collected = body.collect().await.unwrap();
+        assert_eq!(collected.trailers(), Some(&fields));
+        assert_eq!(&collected.to_bytes()[..], b"y");
+    }
 
     #[tokio::test]
     async fn chunks_report_exact_length() {

@@ -8,16 +8,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioTimer;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::runtime::{Handle, Runtime};
 use tokio::sync::{oneshot, Notify};
@@ -26,13 +21,17 @@ use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, error, warn};
 
 use crate::body::{read_body, BodyError};
-use crate::connection::{serve, Activity, ConnectionCount, Session, Timeouts, WatchedIo};
+use crate::connection::{
+    serve, write_request_timeout, Activity, ConnectionCount, Timeouts, WatchedIo,
+};
 use crate::error::Error;
+use crate::h2_settings::H2Settings;
 use crate::limits::{check_head, Limits};
 use crate::listener::{AsyncListener, Listener};
 use crate::queue::{JobQueue, PushError};
 use crate::request::{Job, RequestData, ServerInfo};
-use crate::response::{plain_response, ResponseBody, StreamAborted};
+use crate::response::{plain_response, ResponseBody};
+use crate::session::{session_starter, sniff, Protocol, TrackedBody};
 use crate::stop::StopSignal;
 use tokio_rustls::TlsAcceptor;
 
@@ -46,6 +45,8 @@ pub struct ServerOptions {
     /// A client that accepts no response bytes for this long is dropped.
     pub write_timeout: Duration,
     pub limits: Limits,
+    /// HTTP/2 settings announced to clients.
+    pub h2: H2Settings,
     /// Time allowed for a whole request (head and body).
     pub max_request_read: Duration,
     /// How long a stop waits for in-flight requests before giving up.
@@ -63,6 +64,7 @@ impl Default for ServerOptions {
             idle_timeout: Duration::from_secs(20),
             write_timeout: Duration::from_secs(10),
             limits: Limits::default(),
+            h2: H2Settings::default(),
             max_request_read: Duration::from_secs(60),
             graceful_timeout: Duration::from_secs(30),
             body_memory_limit: crate::body::DEFAULT_MEMORY_LIMIT,
@@ -173,10 +175,7 @@ async fn accept_loop(
                         client_cert: None,
                     };
                     match tls {
-                        None => {
-                            let fd = stream.as_raw_fd();
-                            serve_connection(stream, Some(fd), peer, info, shared).await
-                        }
+                        None => serve_plaintext(stream, peer, info, shared).await,
                         Some(acceptor) => serve_tls(acceptor, stream, peer, info, shared).await,
                     }
                 });
@@ -185,12 +184,11 @@ async fn accept_loop(
                 let (info, shared, live) = (info.clone(), shared.clone(), connections.enter());
                 tokio::spawn(async move {
                     let _live = live;
-                    let fd = stream.as_raw_fd();
                     let peer = Peer {
                         remote_addr: Arc::from("127.0.0.1"),
                         client_cert: None,
                     };
-                    serve_connection(stream, Some(fd), peer, info, shared).await
+                    serve_plaintext(stream, peer, info, shared).await
                 });
             }
             Err(e) => {
@@ -238,6 +236,23 @@ struct Peer {
     client_cert: Option<Arc<str>>,
 }
 
+/// Serves a plaintext connection: HTTP/2 when it opens with the HTTP/2
+/// preface (h2c with prior knowledge), HTTP/1.1 otherwise. A connection that
+/// sends nothing within `read_timeout` gets 408.
+async fn serve_plaintext<S>(mut stream: S, peer: Peer, info: Arc<ServerInfo>, shared: Arc<Shared>)
+where
+    S: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
+{
+    let fd = stream.as_raw_fd();
+    let Some((protocol, prefix)) = sniff(&mut stream, shared.options.read_timeout).await else {
+        // SAFETY: `stream` owns the descriptor and is alive here.
+        unsafe { write_request_timeout(fd) };
+        return;
+    };
+    let raw_fd = (protocol == Protocol::Http1).then_some(fd);
+    serve_connection(stream, protocol, prefix, raw_fd, peer, info, shared).await
+}
+
 /// Runs the TLS handshake (bounded by `read_timeout`), then serves. A failed
 /// or stalled handshake only ends this connection.
 async fn serve_tls(
@@ -258,15 +273,23 @@ async fn serve_tls(
         .peer_certificates()
         .and_then(|chain| chain.first())
         .map(|leaf| Arc::from(crate::tls::pem(leaf)));
+    let protocol = match stream.get_ref().1.alpn_protocol() {
+        Some(b"h2") => Protocol::Http2,
+        _ => Protocol::Http1,
+    };
     // No raw 408 under TLS: it would have to be encrypted; a timed-out head
     // just closes.
-    serve_connection(stream, None, peer, info, shared).await
+    serve_connection(stream, protocol, Bytes::new(), None, peer, info, shared).await
 }
 
-/// Serves HTTP/1.1 on one connection until it ends. `plaintext_fd` is the
-/// socket's descriptor when bytes can be written to it directly (not TLS).
+/// Serves one connection until it ends, in `protocol` (HTTP/1.1 or 2);
+/// `prefix` holds bytes already read from it. `plaintext_fd` is the socket's
+/// descriptor when bytes can be written to it directly (not TLS).
+#[allow(clippy::too_many_arguments)]
 async fn serve_connection<S>(
     stream: S,
+    protocol: Protocol,
+    prefix: Bytes,
     plaintext_fd: Option<RawFd>,
     peer: Peer,
     info: Arc<ServerInfo>,
@@ -295,90 +318,14 @@ async fn serve_connection<S>(
         })
     };
     let options = &shared.options;
-    let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        // Head timing is enforced by `connection::serve`, which answers 408
-        // where hyper would only close.
-        .header_read_timeout(None)
-        .max_headers(options.limits.max_headers)
-        .max_header_size(options.limits.max_header_bytes)
-        .keep_alive(true);
-    let start = move |io| HyperSession(builder.serve_connection(io, service.clone()));
+    let start = session_starter(protocol, options, service);
     let timeouts = Timeouts {
         read: options.read_timeout,
         idle: options.idle_timeout,
         write: options.write_timeout,
     };
-    let io = WatchedIo::new(stream, activity.clone());
+    let io = WatchedIo::with_prefix(stream, activity.clone(), prefix);
     serve(io, start, plaintext_fd, activity, timeouts, &shared.stop).await;
-}
-
-/// hyper's HTTP/1.1 connection as a `connection::Session`.
-struct HyperSession<S, Svc>(http1::Connection<WatchedIo<S>, Svc>)
-where
-    Svc: hyper::service::HttpService<Incoming>;
-
-impl<S, Svc> std::future::Future for HyperSession<S, Svc>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-    Svc: hyper::service::HttpService<Incoming, ResBody = TrackedBody> + Unpin,
-    Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    type Output = hyper::Result<()>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
-        Pin::new(&mut self.0).poll(cx)
-    }
-}
-
-impl<S, Svc> Session<S> for HyperSession<S, Svc>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-    Svc: hyper::service::HttpService<Incoming, ResBody = TrackedBody> + Unpin,
-    Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn graceful_shutdown(&mut self) {
-        Pin::new(&mut self.0).graceful_shutdown();
-    }
-
-    fn into_io(self) -> (WatchedIo<S>, Bytes) {
-        let parts = self.0.into_parts();
-        (parts.io, parts.read_buf)
-    }
-}
-
-/// A response body that tells the connection when hyper is done with it, so
-/// the idle timer starts then.
-struct TrackedBody {
-    body: ResponseBody,
-    activity: Arc<Activity>,
-}
-
-impl Drop for TrackedBody {
-    fn drop(&mut self) {
-        self.activity.response_finished();
-    }
-}
-
-impl Body for TrackedBody {
-    type Data = Bytes;
-    type Error = StreamAborted;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, StreamAborted>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
-    }
 }
 
 /// `deadline`: when the whole request (counted from its head's first byte)

@@ -170,7 +170,7 @@ pub fn acceptor(settings: &TlsSettings) -> Result<TlsAcceptor, Error> {
             "the TLS key does not fit the certificate{files}: {e}"
         ))
     })?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

@@ -70,6 +70,12 @@ pub(crate) fn build_env(
     set(&SERVER_PORT, bytes(port.as_bytes()))?;
 
     set_headers(ruby, env, &head.headers, &body)?;
+    // HTTP/2 carries the host in :authority; give apps their HTTP_HOST.
+    if !head.headers.contains_key(http::header::HOST) {
+        if let Some(authority) = head.uri.authority() {
+            set(&HTTP_HOST, bytes(authority.as_str().as_bytes()))?;
+        }
+    }
 
     set(
         &RACK_VERSION,

@@ -215,6 +215,21 @@ fn chunk_bytes(chunk: Value) -> Result<Bytes, Invalid> {
     Ok(Bytes::copy_from_slice(unsafe { text.as_slice() }))
 }
 
+/// The trailing header fields of a body that has `trailers` (Rack 3), as
+/// gRPC uses for `grpc-status`.
+fn trailers(ruby: &Ruby, body: Value) -> Result<Option<HeaderMap>, Invalid> {
+    if !body.respond_to("trailers", false).unwrap_or(false) {
+        return Ok(None);
+    }
+    let fields: Value = body
+        .funcall("trailers", ())
+        .map_err(|e| Invalid(format!("body#trailers raised: {e}")))?;
+    if fields.is_nil() {
+        return Ok(None);
+    }
+    convert_headers(ruby, fields).map(Some)
+}
+
 fn send_body(
     ruby: &Ruby,
     status: StatusCode,
@@ -222,6 +237,7 @@ fn send_body(
     body: Value,
     reply: Reply<'_>,
 ) {
+    let body_value = body;
     let respond = |body: ResponseBody, headers: HeaderMap, sender: oneshot::Sender<AppResponse>| {
         let _ = sender.send(AppResponse {
             status,
@@ -264,8 +280,15 @@ fn send_body(
                     .and_then(chunk_bytes)
             })
             .collect();
-        return match chunks {
-            Ok(chunks) => respond(ResponseBody::from_chunks(chunks), headers, reply.sender),
+        let body = chunks.and_then(|chunks| {
+            let body = ResponseBody::from_chunks(chunks);
+            Ok(match trailers(ruby, body_value)? {
+                Some(fields) => body.with_trailers(fields),
+                None => body,
+            })
+        });
+        return match body {
+            Ok(body) => respond(body, headers, reply.sender),
             Err(Invalid(message)) => send_error(reply.sender, &message),
         };
     }
@@ -346,13 +369,26 @@ fn stream_each(ruby: &Ruby, status: StatusCode, headers: HeaderMap, body: Value,
                 headers,
             },
         ) => {
+            let body = match trailers(ruby, body) {
+                Ok(Some(fields)) => ResponseBody::from_chunks(Vec::new()).with_trailers(fields),
+                Ok(None) => ResponseBody::Empty,
+                Err(Invalid(message)) => return send_error(sender, &message),
+            };
             let _ = sender.send(AppResponse {
                 status,
                 headers,
-                body: ResponseBody::Empty,
+                body,
             });
         }
-        (Ok(_), _) => {}
+        (Ok(_), Stream::Started(sender)) => match trailers(ruby, body) {
+            Ok(Some(fields)) => sender.finish(fields),
+            Ok(None) => {}
+            Err(Invalid(message)) => {
+                tracing::error!("invalid Rack response: {message}; connection aborted");
+                sender.abort();
+            }
+        },
+        (Ok(_), Stream::Done) => {}
         (Err(e), _) if e.is_kind_of(ruby.get_inner(&CLIENT_DISCONNECTED)) => {
             tracing::debug!("client went away while the body was streaming");
         }

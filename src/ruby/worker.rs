@@ -19,7 +19,6 @@ use super::env::EnvFlags;
 use super::errors::{hyperion_error, log_exception, to_ruby};
 use super::nogvl::wait_interruptibly;
 use super::options;
-use crate::h2_settings::H2Settings;
 use crate::listener::Listener;
 use crate::request::ServerInfo;
 use crate::server::{Server, ServerOptions, Shared};
@@ -32,9 +31,6 @@ struct Settings {
     worker_index: i64,
     /// Serve TLS with these files (read at `run`).
     tls: Option<crate::tls::TlsSettings>,
-    /// Accepted and validated now; applied once HTTP/2 lands.
-    #[allow(dead_code)]
-    h2: Option<H2Settings>,
     /// Accepted for interface compatibility; the Rust core is always async.
     #[allow(dead_code)]
     async_io: Option<bool>,
@@ -183,6 +179,9 @@ impl Worker {
             ..ServerOptions::default()
         };
         options::apply_limit_keywords(ruby, kwargs.splat, &mut server_options)?;
+        if let Some(h2) = h2 {
+            server_options.h2 = h2;
+        }
         let workers = config_integer(ruby, config, "workers", 1, 1024)?.unwrap_or(1);
         let stop_requests = ruby
             .class_object()
@@ -200,7 +199,6 @@ impl Worker {
                 thread_count,
                 worker_index,
                 tls,
-                h2,
                 async_io,
                 env_flags: EnvFlags {
                     multithread: thread_count > 1,

@@ -1,0 +1,127 @@
+# frozen_string_literal: true
+
+require "spec_helper"
+
+# HTTP/2 through hyper's h2: ALPN on TLS listeners, prior knowledge (h2c) on
+# plain ones. Clients are curl, nghttp and h2load from nghttp2-client.
+RSpec.describe "HTTP/2" do
+  let(:pki) { TestPKI.new }
+  let(:app) do
+    lambda do |env|
+      case env["PATH_INFO"]
+      when "/slow" then sleep 1
+      when "/grpc"
+        body = Object.new
+        def body.each = yield("\x00\x00\x00\x00\x02hi".b)
+        def body.trailers = { "grpc-status" => "0", "grpc-message" => "fine" }
+        return [200, { "content-type" => "application/grpc" }, body]
+      when "/echo"
+        return [200, { "content-type" => "application/octet-stream" }, [env["rack.input"].read]]
+      end
+      [200, { "content-type" => "text/plain", "connection" => "keep-alive" },
+       [env.values_at("SERVER_PROTOCOL", "HTTP_HOST", "rack.url_scheme", "rack.hijack?").join(" ")]]
+    end
+  end
+
+  def run_client(*command)
+    out, status = Open3.capture2e(*command)
+    expect(status).to be_success, "#{command.join(' ')}\n#{out}"
+    out
+  end
+
+  it "speaks h2c with prior knowledge on a plain listener, HTTP/1.1 to everyone else" do
+    with_worker(app) do |port|
+      out = run_client("curl", "-s", "--http2-prior-knowledge", "-w", "\n%{http_version}", "http://127.0.0.1:#{port}/")
+      expect(out).to eq("HTTP/2 127.0.0.1:#{port} http false\n2")
+      out = run_client("curl", "-s", "-w", "\n%{http_version}", "http://127.0.0.1:#{port}/")
+      expect(out).to eq("HTTP/1.1 127.0.0.1:#{port} http false\n1.1")
+    end
+  end
+
+  it "negotiates h2 or http/1.1 over TLS with ALPN" do
+    with_worker(app, tls: { cert: pki.path("chain.pem"), key: pki.path("server.key") }) do |port|
+      common = ["curl", "-s", "--cacert", pki.path("root.pem"), "--resolve", "localhost:#{port}:127.0.0.1",
+                "-w", "\n%{http_version}"]
+      expect(run_client(*common, "--http2", "https://localhost:#{port}/"))
+        .to eq("HTTP/2 localhost:#{port} https false\n2")
+      expect(run_client(*common, "--http1.1", "https://localhost:#{port}/"))
+        .to eq("HTTP/1.1 localhost:#{port} https false\n1.1")
+    end
+  end
+
+  it "answers 100 concurrent streams on one connection (h2load), all 2xx" do
+    with_worker(app, thread_count: 4) do |port|
+      out = run_client("h2load", "-n", "2000", "-c", "1", "-m", "100", "http://127.0.0.1:#{port}/")
+      expect(out).to match(/2000 succeeded, 0 failed, 0 errored/)
+      expect(out).to include("status codes: 2000 2xx")
+    end
+  end
+
+  it "keeps POST bodies intact" do
+    payload = Random.new(7).bytes(300_000)
+    file = File.join(Dir.mktmpdir("hyperion-h2"), "payload.bin")
+    File.binwrite(file, payload)
+    with_worker(app) do |port|
+      out, status = Open3.capture2("curl", "-s", "--http2-prior-knowledge", "--data-binary", "@#{file}",
+                                   "http://127.0.0.1:#{port}/echo", binmode: true)
+      expect(status).to be_success
+      expect(out.b).to eq(payload)
+    end
+  end
+
+  it "sends a body's trailers as trailing HEADERS (gRPC status)" do
+    with_worker(app) do |port|
+      out = run_client("nghttp", "-v", "http://127.0.0.1:#{port}/grpc").b
+      data_at = out.index("recv DATA frame")
+      trailer_at = out.index("recv (stream_id=13) grpc-status: 0")
+      expect([data_at, trailer_at]).to all(be_a(Integer))
+      expect(trailer_at).to be > data_at
+      expect(out).to include("grpc-message: fine")
+    end
+  end
+
+  it "drops connection-specific response headers" do
+    with_worker(app) do |port|
+      out = run_client("nghttp", "-v", "http://127.0.0.1:#{port}/")
+      expect(out).to include("content-type: text/plain")
+      expect(out).not_to include("connection: keep-alive")
+    end
+  end
+
+  it "runs the streams of one connection concurrently: a slow stream does not hold up the others" do
+    with_worker(app, thread_count: 4) do |port|
+      out = run_client("nghttp", "-v", "http://127.0.0.1:#{port}/slow", "http://127.0.0.1:#{port}/fast")
+      ends = out.scan(/\[\s*([\d.]+)\] recv DATA frame <[^>]*stream_id=(\d+)>\s*; END_STREAM/)
+                .to_h { |at, stream| [stream.to_i, at.to_f] }
+      expect(ends.size).to eq(2), out
+      slow, fast = ends.sort.map(&:last) # streams are numbered in request order
+      expect(fast).to be < 0.5
+      expect(slow).to be >= 1.0
+    end
+  end
+
+  it "applies h2_settings and rejects out-of-range values" do
+    with_worker(app, h2_settings: { max_concurrent_streams: 7, max_frame_size: 32_768 }) do |port|
+      out = run_client("nghttp", "-v", "http://127.0.0.1:#{port}/")
+      expect(out).to include("SETTINGS_MAX_CONCURRENT_STREAMS(0x03):7", "SETTINGS_MAX_FRAME_SIZE(0x05):32768")
+    end
+    expect { Hyperion::Worker.new(host: "127.0.0.1", port: 0, app: app, read_timeout: 5, h2_settings: { max_frame_size: 1 }) }
+      .to raise_error(ArgumentError, /max_frame_size must be between 16384/)
+  end
+
+  it "sends GOAWAY on TERM and lets the stream in flight finish" do
+    dir = Dir.mktmpdir("hyperion-h2-drain")
+    File.write(File.join(dir, "config.ru"), "run ->(_) { sleep 1; [200, {}, ['drained']] }\n")
+    with_cli(chdir: dir) do |port, pid|
+      client = Thread.new { Open3.capture2e("nghttp", "-v", "http://127.0.0.1:#{port}/") }
+      sleep 0.4
+      Process.kill("TERM", pid)
+      out, status = client.value
+      expect(status).to be_success, out
+      expect(out).to include("recv GOAWAY frame")
+      expect(out).to include("drained")
+      _, server = Process.wait2(pid)
+      expect(server.exitstatus).to eq(0)
+    end
+  end
+end

@@ -1,0 +1,216 @@
+//! The hyper side of a connection: HTTP/1.1 or HTTP/2 (chosen by ALPN under
+//! TLS, by the client's first bytes on a plain socket), as a
+//! `connection::Session`, and the response body wrapper that tells the
+//! connection when a response is done.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use hyper::server::conn::{http1, http2};
+use hyper::service::HttpService;
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
+
+use crate::connection::{Activity, Session, WatchedIo};
+use crate::response::{ResponseBody, StreamAborted};
+use crate::server::ServerOptions;
+
+/// Which HTTP a connection speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Http1,
+    Http2,
+}
+
+/// What an HTTP/2 client sends first (RFC 9113 §3.4).
+pub const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Reads just enough of a plaintext connection to tell HTTP/2 with prior
+/// knowledge (h2c) from HTTP/1.1. Returns the bytes read, to be replayed.
+/// `None`: nothing usable arrived within `within` (or the client left).
+pub async fn sniff<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    within: Duration,
+) -> Option<(Protocol, Bytes)> {
+    let mut seen = BytesMut::with_capacity(H2_PREFACE.len());
+    let reading = async {
+        loop {
+            let mut chunk = [0u8; 24];
+            let wanted = H2_PREFACE.len() - seen.len();
+            let n = stream.read(&mut chunk[..wanted]).await.ok()?;
+            if n == 0 {
+                return None;
+            }
+            seen.extend_from_slice(&chunk[..n]);
+            if !H2_PREFACE.starts_with(&seen) {
+                return Some(Protocol::Http1);
+            }
+            if seen.len() == H2_PREFACE.len() {
+                return Some(Protocol::Http2);
+            }
+        }
+    };
+    let protocol = tokio::time::timeout(within, reading).await.ok()??;
+    Some((protocol, seen.freeze()))
+}
+
+/// hyper's connection for one protocol.
+// The variants differ in size, but `connection::serve` boxes the session, so
+// boxing a variant as well would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum HyperSession<S, Svc>
+where
+    Svc: HttpService<Incoming>,
+{
+    Http1(http1::Connection<WatchedIo<S>, Svc>),
+    Http2(http2::Connection<WatchedIo<S>, Svc, TokioExecutor>),
+}
+
+/// Builds sessions of `protocol` with the server's settings.
+pub fn session_starter<S, Svc>(
+    protocol: Protocol,
+    options: &ServerOptions,
+    service: Svc,
+) -> impl Fn(WatchedIo<S>) -> HyperSession<S, Svc>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Svc: HttpService<Incoming, ResBody = TrackedBody> + Clone + Send + 'static,
+    Svc::Future: Send + 'static,
+{
+    let mut h1 = http1::Builder::new();
+    h1.timer(TokioTimer::new())
+        // Head timing is enforced by `connection::serve`, which answers 408
+        // where hyper would only close.
+        .header_read_timeout(None)
+        .max_headers(options.limits.max_headers)
+        .max_header_size(options.limits.max_header_bytes)
+        .keep_alive(true);
+    let mut h2 = http2::Builder::new(TokioExecutor::new());
+    let settings = options.h2;
+    h2.timer(TokioTimer::new())
+        .max_concurrent_streams(settings.max_concurrent_streams)
+        .initial_stream_window_size(settings.initial_window_size)
+        .max_frame_size(settings.max_frame_size)
+        .max_header_list_size(settings.max_header_list_size);
+    move |io| match protocol {
+        Protocol::Http1 => HyperSession::Http1(h1.serve_connection(io, service.clone())),
+        Protocol::Http2 => HyperSession::Http2(h2.serve_connection(io, service.clone())),
+    }
+}
+
+impl<S, Svc> std::future::Future for HyperSession<S, Svc>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Svc: HttpService<Incoming, ResBody = TrackedBody> + Unpin + Send + 'static,
+    Svc::Future: Send + 'static,
+    Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    type Output = hyper::Result<()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
+        match &mut *self {
+            HyperSession::Http1(connection) => Pin::new(connection).poll(cx),
+            HyperSession::Http2(connection) => Pin::new(connection).poll(cx),
+        }
+    }
+}
+
+impl<S, Svc> Session<S> for HyperSession<S, Svc>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    Svc: HttpService<Incoming, ResBody = TrackedBody> + Unpin + Send + 'static,
+    Svc::Future: Send + 'static,
+    Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    fn graceful_shutdown(&mut self) {
+        match self {
+            HyperSession::Http1(connection) => Pin::new(connection).graceful_shutdown(),
+            // Sends GOAWAY: streams in flight finish, new ones are refused.
+            HyperSession::Http2(connection) => Pin::new(connection).graceful_shutdown(),
+        }
+    }
+
+    fn into_io(self) -> Option<(WatchedIo<S>, Bytes)> {
+        match self {
+            HyperSession::Http1(connection) => {
+                let parts = connection.into_parts();
+                Some((parts.io, parts.read_buf))
+            }
+            HyperSession::Http2(_) => None,
+        }
+    }
+
+    fn multiplexed(&self) -> bool {
+        matches!(self, HyperSession::Http2(_))
+    }
+}
+
+/// A response body that tells the connection when hyper is done with it, so
+/// the idle timer starts then.
+pub struct TrackedBody {
+    pub body: ResponseBody,
+    pub activity: Arc<Activity>,
+}
+
+impl Drop for TrackedBody {
+    fn drop(&mut self) {
+        self.activity.response_finished();
+    }
+}
+
+impl Body for TrackedBody {
+    type Data = Bytes;
+    type Error = StreamAborted;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, StreamAborted>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn sniff_tells_h2c_from_http1() {
+        let (mut client, mut server) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut client, H2_PREFACE)
+            .await
+            .unwrap();
+        let (protocol, seen) = sniff(&mut server, Duration::from_secs(1)).await.unwrap();
+        assert_eq!((protocol, &seen[..]), (Protocol::Http2, &H2_PREFACE[..]));
+
+        let (mut client, mut server) = tokio::io::duplex(64);
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"POST / HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        let (protocol, seen) = sniff(&mut server, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(protocol, Protocol::Http1);
+        assert_eq!(
+            &seen[..],
+            b"POST / HTTP/1.1\r\n",
+            "what was read is replayed to hyper"
+        );
+
+        let (_client, mut server) = tokio::io::duplex(64);
+        assert!(sniff(&mut server, Duration::from_millis(20))
+            .await
+            .is_none());
+    }
+}
