@@ -39,6 +39,17 @@ RSpec.describe "serving under GC.stress", :gc_stress, timeout: 300 do
     end
   end
 
+  it "streams a gRPC-style request body into rack.input over h2c" do
+    app = ->(env) { chunks = []; env["rack.input"].each { |c| chunks << c }; [200, {}, [chunks.join]] }
+    with_worker(app) do |port|
+      out = gc_stress do
+        Open3.capture2("curl", "-s", "--http2-prior-knowledge", "-H", "content-type: application/grpc",
+                       "-T", "-", "http://127.0.0.1:#{port}/", stdin_data: "streamed body").first
+      end
+      expect(out).to eq("streamed body")
+    end
+  end
+
   it "keeps the app and hooks alive while the worker runs" do
     calls = []
     config = Hyperion::Config.new

@@ -21,20 +21,68 @@ pub enum RequestBody {
         file: File,
         len: u64,
     },
+    /// Still arriving: the app reads it as it comes (gRPC-style streaming).
+    Stream(BodyStream),
 }
 
 impl RequestBody {
-    pub fn len(&self) -> u64 {
+    /// The length of a body that has been read whole; `None` while streaming.
+    pub fn known_len(&self) -> Option<u64> {
         match self {
-            RequestBody::Empty => 0,
-            RequestBody::Memory(bytes) => bytes.len() as u64,
-            RequestBody::File { len, .. } => *len,
+            RequestBody::Empty => Some(0),
+            RequestBody::Memory(bytes) => Some(bytes.len() as u64),
+            RequestBody::File { len, .. } => Some(*len),
+            RequestBody::Stream(_) => None,
         }
     }
+}
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
+/// Chunks of a request body that the app reads while the client still sends.
+#[derive(Debug)]
+pub struct BodyStream {
+    pub chunks: tokio::sync::mpsc::Receiver<Result<Bytes, BodyError>>,
+}
+
+/// Chunks buffered between the socket and an app reading a streamed body.
+pub const STREAM_CHUNKS: usize = 16;
+
+/// Starts moving `body` into a `BodyStream` on the current runtime, refusing
+/// more than `max_bytes` and giving up at `deadline`.
+pub fn stream_body<B>(mut body: B, max_bytes: u64, deadline: tokio::time::Instant) -> BodyStream
+where
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: std::fmt::Display,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(STREAM_CHUNKS);
+    tokio::spawn(async move {
+        let mut total: u64 = 0;
+        loop {
+            let frame = match tokio::time::timeout_at(deadline, body.frame()).await {
+                Err(_) => Err(BodyError::Client(
+                    "request body not received in time".into(),
+                )),
+                Ok(None) => return,
+                Ok(Some(Err(e))) => Err(BodyError::Client(e.to_string())),
+                Ok(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        total += data.len() as u64;
+                        if total > max_bytes {
+                            Err(BodyError::TooLarge)
+                        } else {
+                            Ok(data)
+                        }
+                    }
+                    Err(_) => continue, // trailers
+                },
+            };
+            let failed = frame.is_err();
+            // The app stopped reading (dropped the input): stop pumping.
+            if tx.send(frame).await.is_err() || failed {
+                return;
+            }
+        }
+    });
+    BodyStream { chunks: rx }
 }
 
 #[derive(Debug)]
@@ -152,7 +200,7 @@ mod tests {
                 Err(BodyError::TooLarge) => proptest::prop_assert!(total > max),
                 Ok(body) => {
                     proptest::prop_assert!(total <= max);
-                    proptest::prop_assert_eq!(body.len(), total);
+                    proptest::prop_assert_eq!(body.known_len(), Some(total));
                     proptest::prop_assert_eq!(matches!(body, RequestBody::File { .. }), total > memory as u64);
                 }
                 Err(other) => proptest::prop_assert!(false, "unexpected {:?}", other),
@@ -164,5 +212,21 @@ mod tests {
     async fn bodies_over_the_maximum_are_refused_mid_stream() {
         let result = read_body(chunks(vec![b"0123456789", b"abcdefghij"]), 100, 15).await;
         assert!(matches!(result, Err(BodyError::TooLarge)));
+    }
+
+    #[tokio::test]
+    async fn streamed_bodies_arrive_chunk_by_chunk_and_respect_the_limit() {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        let mut stream = stream_body(chunks(vec![b"ab", b"cd"]), 100, deadline);
+        assert_eq!(&stream.chunks.recv().await.unwrap().unwrap()[..], b"ab");
+        assert_eq!(&stream.chunks.recv().await.unwrap().unwrap()[..], b"cd");
+        assert!(stream.chunks.recv().await.is_none());
+
+        let mut limited = stream_body(chunks(vec![b"ab", b"cd"]), 3, deadline);
+        assert!(limited.chunks.recv().await.unwrap().is_ok());
+        assert!(matches!(
+            limited.chunks.recv().await.unwrap(),
+            Err(BodyError::TooLarge)
+        ));
     }
 }

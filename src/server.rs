@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, error, warn};
 
-use crate::body::{read_body, BodyError};
+use crate::body::{read_body, stream_body, BodyError, RequestBody};
 use crate::connection::{
     serve, write_request_timeout, Activity, ConnectionCount, Timeouts, WatchedIo,
 };
@@ -33,6 +33,7 @@ use crate::request::{Job, RequestData, ServerInfo};
 use crate::response::{plain_response, ResponseBody};
 use crate::session::{session_starter, sniff, Protocol, TrackedBody};
 use crate::stop::StopSignal;
+use http_body::Body as _;
 use tokio_rustls::TlsAcceptor;
 
 #[derive(Debug, Clone)]
@@ -328,6 +329,42 @@ async fn serve_connection<S>(
     serve(io, start, plaintext_fd, activity, timeouts, &shared.stop).await;
 }
 
+/// Requests whose body the app reads while it still arrives (gRPC over
+/// HTTP/2: `content-type: application/grpc`, `application/grpc+proto`...).
+fn is_streaming_rpc(head: &http::request::Parts) -> bool {
+    head.headers
+        .get(http::header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// Reads a request body whole (memory, then a temp file), or the response
+/// that refuses it.
+async fn read_whole_body(
+    body: Incoming,
+    shared: &Shared,
+    deadline: Instant,
+) -> Result<RequestBody, Response<ResponseBody>> {
+    let limits = &shared.options.limits;
+    let reading = read_body(
+        body,
+        shared.options.body_memory_limit,
+        limits.max_body_bytes,
+    );
+    match timeout_at(deadline, reading).await {
+        Ok(Ok(body)) => Ok(body),
+        Ok(Err(BodyError::TooLarge)) => Err(plain_response(StatusCode::PAYLOAD_TOO_LARGE, true)),
+        Ok(Err(BodyError::Client(e))) => {
+            debug!(error = %e, "bad request body");
+            Err(plain_response(StatusCode::BAD_REQUEST, true))
+        }
+        Ok(Err(BodyError::Spill(e))) => {
+            error!(error = %e, "could not buffer the request body to a temporary file");
+            Err(plain_response(StatusCode::INTERNAL_SERVER_ERROR, true))
+        }
+        Err(_) => Err(plain_response(StatusCode::REQUEST_TIMEOUT, true)),
+    }
+}
+
 /// `deadline`: when the whole request (counted from its head's first byte)
 /// must have arrived.
 async fn handle_request(
@@ -344,25 +381,14 @@ async fn handle_request(
         // Closing keeps an unread body from ever being parsed as a request.
         return Ok(plain_response(rejection.status, true));
     }
-    let reading = read_body(
-        body,
-        shared.options.body_memory_limit,
-        limits.max_body_bytes,
-    );
-    let body = match timeout_at(deadline, reading).await {
-        Ok(Ok(body)) => body,
-        Ok(Err(BodyError::TooLarge)) => {
-            return Ok(plain_response(StatusCode::PAYLOAD_TOO_LARGE, true));
+    let body = if is_streaming_rpc(&head) && !body.is_end_stream() {
+        // gRPC-style: the app starts now and reads DATA as it arrives.
+        RequestBody::Stream(stream_body(body, limits.max_body_bytes, deadline))
+    } else {
+        match read_whole_body(body, &shared, deadline).await {
+            Ok(body) => body,
+            Err(response) => return Ok(response),
         }
-        Ok(Err(BodyError::Client(e))) => {
-            debug!(error = %e, "bad request body");
-            return Ok(plain_response(StatusCode::BAD_REQUEST, true));
-        }
-        Ok(Err(BodyError::Spill(e))) => {
-            error!(error = %e, "could not buffer the request body to a temporary file");
-            return Ok(plain_response(StatusCode::INTERNAL_SERVER_ERROR, true));
-        }
-        Err(_) => return Ok(plain_response(StatusCode::REQUEST_TIMEOUT, true)),
     };
     let (reply, response) = oneshot::channel();
     let job = Job {
@@ -422,7 +448,7 @@ mod tests {
                         "{} {} {}",
                         job.request.head.method,
                         job.request.head.uri,
-                        job.request.body.len()
+                        job.request.body.known_len().unwrap_or_default()
                     );
                     let _ = job.reply.send(AppResponse {
                         status: StatusCode::OK,

@@ -60,7 +60,7 @@ pub(crate) fn serve(ruby: &Ruby, context: &AppContext) -> Result<(), Error> {
 fn run_job(ruby: &Ruby, context: &AppContext, app: Value, job: Job) -> Result<(), Error> {
     let Job { request, reply } = job;
     let head_only = request.is_head();
-    let result = build_env(ruby, request, context.env_flags)
+    let result = build_env(ruby, request, context.env_flags, &context.runtime)
         .and_then(|env| app.funcall::<_, _, Value>("call", (env,)));
     match result {
         Ok(rack_response) => {

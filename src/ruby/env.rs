@@ -24,6 +24,7 @@ pub(crate) fn build_env(
     ruby: &Ruby,
     request: RequestData,
     flags: EnvFlags,
+    runtime: &tokio::runtime::Handle,
 ) -> Result<RHash, Error> {
     let RequestData {
         head,
@@ -90,7 +91,7 @@ pub(crate) fn build_env(
     if let Some(pem) = client_cert {
         set(&SSL_CLIENT_CERT, bytes(pem.as_bytes()))?;
     }
-    set(&RACK_INPUT, input_value(ruby, body)?)?;
+    set(&RACK_INPUT, input_value(ruby, body, runtime)?)?;
     set(&RACK_ERRORS, stderr())?;
     set(&RACK_MULTITHREAD, flags.multithread.into_value_with(ruby))?;
     set(&RACK_MULTIPROCESS, flags.multiprocess.into_value_with(ruby))?;
@@ -168,10 +169,10 @@ fn set_headers(
     }
     // A chunked body was read whole, so its length is known: give it to the
     // app as Puma does (and drop the now-meaningless transfer coding).
-    if !content_length_seen && !body.is_empty() {
+    if let Some(length) = body.known_len().filter(|&n| n > 0 && !content_length_seen) {
         env.aset(
             ruby.get_inner(&CONTENT_LENGTH),
-            ruby.str_new(&body.len().to_string()),
+            ruby.str_new(&length.to_string()),
         )?;
         env.delete::<_, Value>(ruby.str_new("HTTP_TRANSFER_ENCODING"))?;
     }
@@ -180,9 +181,19 @@ fn set_headers(
 
 /// rack.input: a shared empty reader, a binary StringIO, or the spilled
 /// temporary file (opened binary, positioned at the start).
-fn input_value(ruby: &Ruby, body: RequestBody) -> Result<Value, Error> {
+fn input_value(
+    ruby: &Ruby,
+    body: RequestBody,
+    runtime: &tokio::runtime::Handle,
+) -> Result<Value, Error> {
     match body {
         RequestBody::Empty => Ok(ruby.get_inner(&NULL_INPUT)),
+        RequestBody::Stream(stream) => Ok(ruby
+            .obj_wrap(super::stream_input::StreamInput::new(
+                stream,
+                runtime.clone(),
+            ))
+            .as_value()),
         RequestBody::Memory(bytes) => ruby
             .get_inner(&STRING_IO)
             .new_instance((ruby.str_from_slice(&bytes),)),

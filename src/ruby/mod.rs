@@ -7,6 +7,7 @@ mod keys;
 mod nogvl;
 mod options;
 mod response;
+mod stream_input;
 mod worker;
 
 use magnus::{Error, Ruby};
@@ -15,5 +16,6 @@ use magnus::{Error, Ruby};
 fn init(ruby: &Ruby) -> Result<(), Error> {
     keys::check_constants(ruby)?;
     let module = ruby.define_module("Hyperion")?;
+    stream_input::init(ruby, module)?;
     worker::init(ruby, module)
 }
