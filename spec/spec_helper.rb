@@ -7,6 +7,7 @@ require "net/http"
 require "socket"
 require "timeout"
 require "tmpdir"
+require "fileutils"
 
 # In-process workers log through tracing to fd 2; keep the spec output
 # readable. Specs that assert on log lines run bin/hyperion in a child.

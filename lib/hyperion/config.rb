@@ -1,30 +1,41 @@
 # frozen_string_literal: true
 
 module Hyperion
-  # Server settings and hook lists. `Hyperion::Worker` reads the hooks and the
-  # timing settings from it; the config-file DSL fills one in.
+  # Server settings and hook lists, filled in layers: defaults, then
+  # `config/hyperion.rb` (see DSL), then command-line flags.
+  # `Hyperion::Worker` reads the hooks and the timing settings from it.
   class Config
     DEFAULTS = {
       host: "0.0.0.0",
       port: 9292,
+      bind: nil, # a bind URI (tcp://, ssl://, unix://) overrides host/port
       threads: 5,
       workers: 1,
+      environment: nil,
+      pidfile: nil,
+      preload_app: true,
       read_timeout: 30,
       graceful_timeout: 30,
-      io_threads: 1
+      io_threads: 1,
+      tls: nil,
+      h2: nil,
+      # Worker keywords beyond the seed API (limits and timeouts); nil means
+      # the server's default.
+      limits: {}
     }.freeze
 
+    HOOKS = %i[on_worker_boot on_worker_shutdown before_fork on_restart on_booted].freeze
+
     attr_accessor(*DEFAULTS.keys)
-    attr_reader :on_worker_boot, :on_worker_shutdown
+    attr_reader(*HOOKS)
 
     def initialize(**settings)
       DEFAULTS.merge(settings).each do |name, value|
         raise ArgumentError, "unknown setting: #{name}" unless DEFAULTS.key?(name)
 
-        public_send("#{name}=", value)
+        public_send("#{name}=", value.dup)
       end
-      @on_worker_boot = []
-      @on_worker_shutdown = []
+      HOOKS.each { |hook| instance_variable_set("@#{hook}", []) }
     end
   end
 end

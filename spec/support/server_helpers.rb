@@ -98,9 +98,11 @@ module ServerHelpers
 
   # Starts `bin/hyperion ARGS` on a free port; yields [port, pid, log_path].
   # The log file holds stdout and stderr. Stops the server (TERM) afterwards.
-  def with_cli(*args, env: {}, chdir: ROOT)
+  # `bind: false` leaves -b/-p out (the config file or the args choose).
+  def with_cli(*args, env: {}, chdir: ROOT, bind: true)
     log = File.join(Dir.mktmpdir("hyperion-log"), "server.log")
-    pid = Process.spawn({ "HYPERION_LOG" => "info" }.merge(env), RbConfig.ruby, HYPERION, "-b", "127.0.0.1", "-p", "0", *args,
+    bind_args = bind ? ["-b", "127.0.0.1", "-p", "0"] : []
+    pid = Process.spawn({ "HYPERION_LOG" => "info" }.merge(env), RbConfig.ruby, HYPERION, *bind_args, *args,
                         [:out, :err] => [log, "w"], chdir: chdir)
     port = wait_for_listening(log, pid)
     yield port, pid, log
@@ -120,6 +122,7 @@ module ServerHelpers
     until Time.now > deadline
       text = File.exist?(log) ? File.read(log) : ""
       return Integer(Regexp.last_match(1)) if text =~ %r{listening on https?://[^\s]+:(\d+)}
+      return 0 if text.include?("listening on unix://")
       raise "server exited before listening:\n#{text}" if Process.waitpid(pid, Process::WNOHANG)
 
       sleep 0.05

@@ -1,0 +1,177 @@
+# frozen_string_literal: true
+
+module Hyperion
+  # The language of `config/hyperion.rb`, in the style of Puma's. Every
+  # directive is documented in docs/configuration.md. A mistake stops boot with
+  # the file, the line and what to fix.
+  class DSL
+    LIMITS = %i[max_body_bytes max_uri_bytes max_header_bytes max_headers idle_timeout write_timeout
+                max_request_read_seconds max_pending].freeze
+
+    def self.load(path, config)
+      new(config, path).instance_eval(File.read(path), path, 1)
+      config
+    rescue Errno::ENOENT, Errno::EACCES => e
+      raise ConfigError, "cannot read the config file #{path}: #{e.message.sub(/ @ .*/, '')}"
+    rescue ConfigError
+      raise
+    rescue ScriptError, StandardError => e
+      line = e.backtrace_locations&.find { |l| l.path == path }&.lineno ||
+             e.message[/#{Regexp.escape(path)}:(\d+)/, 1]
+      raise ConfigError, "#{path}:#{line}: #{e.class}: #{e.message.lines.first.to_s.strip.sub(/\A#{Regexp.escape(path)}:\d+: /, '')}"
+    end
+
+    def initialize(config, path)
+      @config = config
+      @path = path
+    end
+
+    # Listen on a URI: tcp://HOST:PORT, ssl://HOST:PORT?cert=...&key=..., unix:///path.
+    def bind(uri)
+      Bind.parse(string(:bind, uri)) # checked now, so the error names this line
+      @config.bind = uri
+    rescue ConfigError => e
+      fail!(e.message)
+    end
+
+    def port(number, host = nil)
+      @config.port = integer(:port, number, 0..65_535)
+      @config.host = string(:port, host) if host
+    end
+
+    # Ruby threads that run the app; threads MIN, MAX keeps MAX.
+    def threads(min, max = min)
+      integer(:threads, min, 0..1024)
+      @config.threads = integer(:threads, max, 1..1024)
+    end
+
+    def workers(count)
+      count = integer(:workers, count, 1..1024)
+      if count > 1
+        fail!("workers #{count}: cluster mode is not in this version yet; use workers 1 (one process per port)")
+      end
+
+      @config.workers = count
+    end
+
+    def environment(name)
+      @config.environment = string(:environment, name)
+    end
+
+    def pidfile(path)
+      @config.pidfile = string(:pidfile, path)
+    end
+
+    def preload_app!(enabled = true)
+      @config.preload_app = enabled
+    end
+
+    def read_timeout(seconds)
+      @config.read_timeout = seconds(:read_timeout, seconds)
+    end
+
+    def graceful_timeout(seconds)
+      @config.graceful_timeout = seconds(:graceful_timeout, seconds)
+    end
+
+    LIMITS.each do |name|
+      define_method(name) do |value|
+        @config.limits[name] = name.end_with?("timeout", "seconds") ? seconds(name, value) : integer(name, value, 0..)
+      end
+    end
+
+    # tls cert: "chain.pem", key: "key.pem" (ca:, verify_mode:, self_signed:),
+    # or the same as a block: tls { cert "chain.pem"; key "key.pem" }.
+    def tls(**settings, &block)
+      settings = BlockSettings.collect(settings, &block)
+      unknown = settings.keys - %i[cert key ca verify_mode self_signed]
+      fail!("tls: unknown setting #{unknown.first} (use cert, key, ca, verify_mode, self_signed)") if unknown.any?
+      @config.tls = settings
+    end
+
+    # h2 max_concurrent_streams: 100, initial_window_size: 65_535,
+    # max_frame_size: 16_384, max_header_list_size: 16_384 (or as a block).
+    def h2(**settings, &block)
+      @config.h2 = BlockSettings.collect(settings, &block)
+    end
+
+    def io_threads(count)
+      @config.io_threads = integer(:io_threads, count, 1..64)
+    end
+
+    Config::HOOKS.each do |hook|
+      define_method(hook) do |&block|
+        fail!("#{hook} needs a block") unless block
+        @config.public_send(hook) << block
+      end
+    end
+
+    def method_missing(name, *_args, &_block)
+      known = (public_methods(false) + self.class.public_instance_methods(false)).map(&:to_s).uniq
+      hint = known.min_by { |k| levenshtein(k, name.to_s) }
+      fail!("unknown directive `#{name}`#{" (did you mean `#{hint}`?)" if hint && levenshtein(hint, name.to_s) <= 3}")
+    end
+
+    def respond_to_missing?(_name, _include_private = false) = false
+
+    # Collects `name value` calls made inside a block into a Hash.
+    class BlockSettings < BasicObject
+      def self.collect(settings, &block)
+        return settings unless block
+
+        collector = new
+        collector.instance_eval(&block)
+        settings.merge(collector.__settings)
+      end
+
+      def initialize = @settings = {}
+      def __settings = @settings
+
+      def method_missing(name, value = true)
+        @settings[name] = value
+      end
+
+      def respond_to_missing?(*) = true
+    end
+
+    private
+
+    def fail!(message)
+      line = caller_locations.find { |l| l.path == @path }&.lineno
+      raise ConfigError, "#{@path}:#{line}: #{message}"
+    end
+
+    def string(name, value)
+      return value if value.is_a?(String)
+
+      fail!("#{name} expects a String, got #{value.inspect}")
+    end
+
+    def integer(name, value, range)
+      number = Integer(value, exception: false)
+      return number if number && range.cover?(number)
+
+      fail!("#{name} expects an Integer in #{range}, got #{value.inspect}")
+    end
+
+    def seconds(name, value)
+      number = Float(value, exception: false)
+      return value if number&.positive?
+
+      fail!("#{name} expects a positive number of seconds, got #{value.inspect}")
+    end
+
+    def levenshtein(a, b)
+      rows = (0..b.length).to_a
+      a.each_char.with_index(1) do |ca, i|
+        previous, rows[0] = rows[0], i
+        b.each_char.with_index(1) do |cb, j|
+          current = rows[j]
+          rows[j] = [rows[j] + 1, rows[j - 1] + 1, previous + (ca == cb ? 0 : 1)].min
+          previous = current
+        end
+      end
+      rows[b.length]
+    end
+  end
+end
