@@ -80,6 +80,19 @@ RSpec.describe "HTTP/2" do
     end
   end
 
+  it "sends no body for HEAD and 204 over HTTP/2" do
+    app = ->(env) { [env["PATH_INFO"] == "/204" ? 204 : 200, { "content-type" => "text/plain" }, ["body text"]] }
+    with_worker(app) do |port|
+      head = run_client("curl", "-s", "-I", "--http2-prior-knowledge", "http://127.0.0.1:#{port}/")
+      expect(head).to start_with("HTTP/2 200")
+      expect(head).to include("content-length: 9")
+      expect(head).not_to include("body text")
+      out = run_client("nghttp", "-v", "http://127.0.0.1:#{port}/204")
+      expect(out).to include(":status: 204")
+      expect(out).not_to include("recv DATA frame")
+    end
+  end
+
   it "drops connection-specific response headers" do
     with_worker(app) do |port|
       out = run_client("nghttp", "-v", "http://127.0.0.1:#{port}/")
