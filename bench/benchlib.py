@@ -44,6 +44,34 @@ def raise_nofile(want):
     return resource.getrlimit(resource.RLIMIT_NOFILE)
 
 
+def cap_connections(n):
+    """Raise our fd limit for n sockets; returns n, capped (with a note) when the hard limit is lower."""
+    soft, hard = raise_nofile(n + 200)
+    if soft < n + 100:
+        print(f"note: RLIMIT_NOFILE hard limit is {hard} < n+100={n + 100}; capping n to {soft - 100}")
+        return max(1, soft - 100)
+    return n
+
+
+def run_servers(servers, rackup, measure):
+    """Starts each NAME='CMD' server in turn, calls measure(srv) while it runs,
+    stops it; yields (name, result, still_alive). A server that does not start
+    is reported as FAILED and skipped."""
+    for name, cmd in parse_servers(servers):
+        srv = Server(name, cmd, rackup)
+        try:
+            srv.start()
+        except RuntimeError as e:
+            print(f"{name} FAILED: {e}")
+            continue
+        try:
+            result = measure(srv)
+            alive = srv.proc.poll() is None
+        finally:
+            srv.stop()
+        yield name, result, alive
+
+
 def free_port():
     s = socket.socket()
     s.bind(("127.0.0.1", 0))

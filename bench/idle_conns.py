@@ -193,10 +193,7 @@ def main():
     rackup = os.path.abspath(args.rackup)
     if not os.path.exists(rackup):
         sys.exit(f"no such rackup: {rackup}")
-    soft, hard = benchlib.raise_nofile(args.n + 200)
-    if soft < args.n + 100:
-        print(f"note: RLIMIT_NOFILE hard limit is {hard} < n+100={args.n + 100}; capping n to {soft - 100}")
-        args.n = max(1, soft - 100)
+    args.n = benchlib.cap_connections(args.n)
     try:
         lo, hi = map(int, open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
         if args.n + args.conns > hi - lo:
@@ -206,21 +203,13 @@ def main():
     print(f"# idle keep-alive n={args.n} (deadline {args.deadline:.0f}s), then wrk -t1 -c{args.conns} "
           f"-d{args.duration}s with them open vs baseline without; rackup {rackup}")
     results = []
-    for name, cmd in benchlib.parse_servers(args.servers):
-        srv = benchlib.Server(name, cmd, rackup)
-        try:
-            srv.start()
-        except RuntimeError as e:
-            print(f"{name} FAILED: {e}")
-            continue
-        try:
-            limit = srv.nofile_limit()
-            if limit is not None and limit < args.n + 100:
-                print(f"note: {name} got RLIMIT_NOFILE {limit} < n+100; it cannot hold all {args.n}")
-            r = asyncio.run(measure(srv, args))
-            alive = srv.proc.poll() is None
-        finally:
-            srv.stop()
+    def measure_server(srv):
+        limit = srv.nofile_limit()
+        if limit is not None and limit < args.n + 100:
+            print(f"note: {srv.name} got RLIMIT_NOFILE {limit} < n+100; it cannot hold all {args.n}")
+        return asyncio.run(measure(srv, args))
+
+    for name, r, alive in benchlib.run_servers(args.servers, rackup, measure_server):
         b, l = r["base"], r["loaded"]
         per_conn = None
         if r["rss_idle"] is not None and r["rss_before"] is not None and r["answered"]:

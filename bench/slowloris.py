@@ -158,25 +158,12 @@ def main():
     rackup = os.path.abspath(args.rackup)
     if not os.path.exists(rackup):
         sys.exit(f"no such rackup: {rackup}")
-    soft, hard = benchlib.raise_nofile(args.n + 200)
-    if soft < args.n + 100:
-        print(f"note: RLIMIT_NOFILE hard limit {hard} < n+100; capping n to {soft - 100}")
-        args.n = max(1, soft - 100)
+    args.n = benchlib.cap_connections(args.n)
     print(f"# slowloris n={args.n} (1 header byte/s), wrk -t1 -c{args.conns} -d{args.duration}s, "
           f"attack cap {args.attack_max:.0f}s, rackup {rackup}")
     results = []
-    for name, cmd in benchlib.parse_servers(args.servers):
-        srv = benchlib.Server(name, cmd, rackup)
-        try:
-            srv.start()
-        except RuntimeError as e:
-            print(f"{name} FAILED: {e}")
-            continue
-        try:
-            w, states, still_open, raw = asyncio.run(attack_and_measure(srv.port, args))
-            alive = srv.proc.poll() is None
-        finally:
-            srv.stop()
+    measure = lambda srv: asyncio.run(attack_and_measure(srv.port, args))  # noqa: E731
+    for name, (w, states, still_open, raw), alive in benchlib.run_servers(args.servers, rackup, measure):
         s = summarize(states, still_open)
         if args.verbose:
             print(raw)
