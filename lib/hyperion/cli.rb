@@ -5,6 +5,7 @@ require "socket"
 require "hyperion"
 require "hyperion/bind"
 require "hyperion/dsl"
+require "hyperion/systemd"
 
 module Hyperion
   # `hyperion [options] [config.ru]`: parses options, reads config/hyperion.rb
@@ -44,9 +45,10 @@ module Hyperion
       bind = resolve_bind(config, flags)
       tls = tls_settings(bind, config)
       app = load_rackup(flags[:rackup])
-      listener = open_listener(bind)
+      listener = Systemd.activated_listener || open_listener(bind)
       write_pidfile(config.pidfile)
       announce(config, bind, listener, tls)
+      watchdog = Systemd.start_watchdog
       build_worker(config, bind, listener, app, tls).run
       0
     rescue OptionParser::ParseError => e
@@ -54,6 +56,8 @@ module Hyperion
     rescue Hyperion::Error => e
       fail_with e.message
     ensure
+      watchdog&.kill
+      Systemd.notify("STOPPING=1") if listener
       listener&.close
       File.delete(bind.path) if bind&.scheme == :unix && listener && File.socket?(bind.path)
       File.delete(config.pidfile) if config&.pidfile && File.exist?(config.pidfile)
@@ -98,7 +102,7 @@ module Hyperion
     end
 
     def build_worker(config, bind, listener, app, tls)
-      port = bind.scheme == :unix ? 0 : listener.local_address.ip_port
+      port = listener.local_address.ip? ? listener.local_address.ip_port : 0
       Worker.new(host: bind.host || "localhost", port: port, app: app, read_timeout: config.read_timeout,
                  thread_count: config.threads, config: config, listener: listener, tls: tls,
                  h2_settings: config.h2, **config.limits)
@@ -109,14 +113,18 @@ module Hyperion
     end
 
     def announce(config, bind, listener, tls)
-      url = if bind.scheme == :unix
-              "unix://#{bind.path}"
+      address = listener.local_address
+      url = if address.unix?
+              "unix://#{address.unix_path}"
             else
-              "#{tls ? 'https' : 'http'}://#{bind.url_host}:#{listener.local_address.ip_port}"
+              host = address.ip_address.include?(":") ? "[#{address.ip_address}]" : address.ip_address
+              host = bind.url_host if %w[0.0.0.0 [::]].include?(host) && bind.host
+              "#{tls ? 'https' : 'http'}://#{host}:#{address.ip_port}"
             end
       config.on_worker_boot << lambda do |_index|
         @out.puts "listening on #{url}"
         @out.flush
+        Systemd.notify("READY=1\nSTATUS=listening on #{url}\nMAINPID=#{Process.pid}")
       end
     end
 

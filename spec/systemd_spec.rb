@@ -1,0 +1,64 @@
+# frozen_string_literal: true
+
+require "spec_helper"
+
+# Single-process systemd integration, black-box: a hand-made LISTEN_FDS
+# socket, and sd_notify messages read from our own datagram socket.
+RSpec.describe "systemd integration" do
+  let(:dir) do
+    Dir.mktmpdir("hyperion-systemd").tap do |d|
+      File.write(File.join(d, "config.ru"), "run ->(_) { [200, {}, ['activated ' + Process.pid.to_s]] }\n")
+    end
+  end
+
+  def spawn_hyperion(env, args = "", **redirects)
+    log = File.join(dir, "server.log")
+    # LISTEN_PID must be the server's own pid: `exec` keeps the shell's.
+    command = %(LISTEN_PID=$$ exec "#{RbConfig.ruby}" "#{ServerHelpers::HYPERION}" #{args} config.ru)
+    pid = Process.spawn({ "HYPERION_LOG" => "info" }.merge(env), "sh", "-c", command,
+                        chdir: dir, %i[out err] => [log, "w"], **redirects)
+    [pid, log]
+  end
+
+  it "adopts the socket passed as fd 3 (LISTEN_FDS) instead of binding" do
+    listener = TCPServer.new("127.0.0.1", 0)
+    port = listener.local_address.ip_port
+    pid, log = spawn_hyperion({ "LISTEN_FDS" => "1" }, 3 => listener)
+    Timeout.timeout(20) { sleep 0.05 until File.read(log).include?("listening on") }
+    expect(File.read(log)).to include("listening on http://127.0.0.1:#{port}")
+    expect(http_get(port).body).to eq("activated #{pid}")
+  ensure
+    Process.kill("TERM", pid) if pid
+    Process.wait(pid) if pid
+    listener&.close
+  end
+
+  it "sends READY=1 when serving and STOPPING=1 on the way out" do
+    path = File.join(dir, "notify.sock")
+    notify = Socket.new(:UNIX, :DGRAM)
+    notify.bind(Socket.pack_sockaddr_un(path))
+    pid, log = spawn_hyperion({ "NOTIFY_SOCKET" => path }, "-b 127.0.0.1 -p 0")
+    ready = Timeout.timeout(20) { notify.recv(4096) }
+    expect(ready).to start_with("READY=1\n").and include("STATUS=listening on http://127.0.0.1:", "MAINPID=#{pid}")
+    Process.kill("TERM", pid)
+    expect(Timeout.timeout(10) { notify.recv(4096) }).to eq("STOPPING=1")
+    _, status = Process.wait2(pid)
+    expect(status.exitstatus).to eq(0), File.read(log)
+  ensure
+    notify&.close
+  end
+
+  it "pings the watchdog every half WATCHDOG_USEC" do
+    path = File.join(dir, "watchdog.sock")
+    notify = Socket.new(:UNIX, :DGRAM)
+    notify.bind(Socket.pack_sockaddr_un(path))
+    pid, = spawn_hyperion({ "NOTIFY_SOCKET" => path, "WATCHDOG_USEC" => "200000" }, "-b 127.0.0.1 -p 0")
+    messages = []
+    Timeout.timeout(20) { messages << notify.recv(4096) until messages.count("WATCHDOG=1") >= 3 && messages.any? { |m| m.start_with?("READY=1") } }
+    expect(messages.count("WATCHDOG=1")).to be >= 3
+  ensure
+    Process.kill("TERM", pid) if pid
+    Process.wait(pid) if pid
+    notify&.close
+  end
+end
