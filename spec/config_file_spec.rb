@@ -110,7 +110,8 @@ RSpec.describe "the config file" do
     "a bad value" => ["port 'abc'\n", %r{\Ahyperion: config/hyperion\.rb:1: port expects an Integer in 0\.\.65535, got "abc"}],
     "a bad bind URI" => ["bind 'ftp://x:1'\n", %r{\Ahyperion: config/hyperion\.rb:1: bind ftp://x:1: unknown scheme "ftp"}],
     "a syntax error" => ["port 0\nthreads(\n", %r{\Ahyperion: config/hyperion\.rb:\d+: SyntaxError}],
-    "workers above 1" => ["workers 2\n", %r{\Ahyperion: config/hyperion\.rb:1: workers 2: cluster mode is not in this version}],
+    "a bad worker count" => ["workers 0\n", %r{\Ahyperion: config/hyperion\.rb:1: workers expects an Integer in 1\.\.1024, got 0}],
+    "a bad worker model" => ["worker_model :forks\n", %r{\Ahyperion: config/hyperion\.rb:1: worker_model expects :reuseport or :share}],
     "an unknown tls setting" => ["tls cert: 'a', ciphers: 'b'\n", %r{\Ahyperion: config/hyperion\.rb:1: tls: unknown setting ciphers}]
   }.each do |problem, (text, message)|
     it "stops boot with the file, line and a hint for #{problem}" do

@@ -6,6 +6,7 @@ require "hyperion"
 require "hyperion/bind"
 require "hyperion/dsl"
 require "hyperion/systemd"
+require "hyperion/cluster"
 
 module Hyperion
   # `hyperion [options] [config.ru]`: parses options, reads config/hyperion.rb
@@ -49,6 +50,8 @@ module Hyperion
       write_pidfile(config.pidfile)
       announce(config, bind, listener, tls)
       watchdog = Systemd.start_watchdog
+      return run_cluster(config, bind, listener, app, tls) if config.workers > 1
+
       build_worker(config, bind, listener, app, tls).run
       0
     rescue OptionParser::ParseError => e
@@ -101,11 +104,25 @@ module Hyperion
       tls
     end
 
-    def build_worker(config, bind, listener, app, tls)
-      port = listener.local_address.ip? ? listener.local_address.ip_port : 0
+    def run_cluster(config, bind, listener, app, tls)
+      model = (ENV["HYPERION_WORKER_MODEL"] || config.worker_model || (bind.scheme == :unix ? :share : :reuseport)).to_sym
+      unless %i[reuseport share].include?(model)
+        raise ConfigError, "HYPERION_WORKER_MODEL must be reuseport or share, got #{model}"
+      end
+      raise ConfigError, "unix binds need worker_model :share" if model == :reuseport && bind.scheme == :unix
+
+      build = lambda do |index, shared_listener, port|
+        build_worker(config, bind, shared_listener, app, tls, index: index, port: port)
+      end
+      log = ->(message) { @err.puts "hyperion master: #{message}" }
+      Cluster.new(config: config, bind: bind, model: model, build_worker: build, log: log).run(listener)
+    end
+
+    def build_worker(config, bind, listener, app, tls, index: 0, port: nil)
+      port ||= listener.local_address.ip? ? listener.local_address.ip_port : 0
       Worker.new(host: bind.host || "localhost", port: port, app: app, read_timeout: config.read_timeout,
                  thread_count: config.threads, config: config, listener: listener, tls: tls,
-                 h2_settings: config.h2, **config.limits)
+                 h2_settings: config.h2, worker_index: index, **config.limits)
     rescue ArgumentError, TypeError => e
       # Worker messages start with the keyword; name the flag instead.
       flag = LIMIT_FLAGS.find { |(_, keyword)| e.message.start_with?("#{keyword}:") }
@@ -121,7 +138,9 @@ module Hyperion
               host = bind.url_host if %w[0.0.0.0 [::]].include?(host) && bind.host
               "#{tls ? 'https' : 'http'}://#{host}:#{address.ip_port}"
             end
-      config.on_worker_boot << lambda do |_index|
+      config.on_worker_boot << lambda do |index|
+        next unless index.zero? # once, also in cluster mode
+
         @out.puts "listening on #{url}"
         @out.flush
         Systemd.notify("READY=1\nSTATUS=listening on #{url}\nMAINPID=#{Process.pid}")
@@ -150,6 +169,12 @@ module Hyperion
         o.on("-t", "--threads N", "Ruby threads that run the app; Puma's MIN:MAX is accepted, MAX is used " \
                                   "(default 5)") do |v|
           flags[:settings][:threads] = parse_threads(v)
+        end
+        o.on("-w", "--workers N", Integer, "Worker processes; above 1 a master forks and supervises them " \
+                                           "(default 1)") do |v|
+          raise ConfigError, "--workers must be between 1 and 1024, got #{v}" unless (1..1024).cover?(v)
+
+          flags[:settings][:workers] = v
         end
         o.on("-C", "--config PATH", "Config file (default #{DEFAULT_CONFIG} when it exists)") { |v| flags[:config] = v }
         o.on("-e", "--environment NAME", "Sets RACK_ENV") { |v| flags[:settings][:environment] = v }

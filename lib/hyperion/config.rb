@@ -11,6 +11,7 @@ module Hyperion
       bind: nil, # a bind URI (tcp://, ssl://, unix://) overrides host/port
       threads: 5,
       workers: 1,
+      worker_model: nil, # :reuseport or :share; see Cluster
       environment: nil,
       pidfile: nil,
       preload_app: true,

@@ -45,13 +45,18 @@ module Hyperion
       @config.threads = integer(:threads, max, 1..1024)
     end
 
+    # Worker processes; above 1 a master forks and supervises them.
     def workers(count)
-      count = integer(:workers, count, 1..1024)
-      if count > 1
-        fail!("workers #{count}: cluster mode is not in this version yet; use workers 1 (one process per port)")
-      end
+      @config.workers = integer(:workers, count, 1..1024)
+    end
 
-      @config.workers = count
+    # How workers share the port: :reuseport (each binds with SO_REUSEPORT,
+    # the kernel balances; Linux default) or :share (the master binds, the
+    # workers inherit; the default for unix sockets).
+    def worker_model(model)
+      model = model.to_sym
+      fail!("worker_model expects :reuseport or :share, got #{model.inspect}") unless %i[reuseport share].include?(model)
+      @config.worker_model = model
     end
 
     def environment(name)

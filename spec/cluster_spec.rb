@@ -1,0 +1,112 @@
+# frozen_string_literal: true
+
+require "spec_helper"
+
+# `workers N`: a master that forks, refills and stops workers, black-box with
+# real signals. Hot and phased restarts (USR2/USR1) are not here yet.
+RSpec.describe "cluster mode", timeout: 120 do
+  let(:dir) do
+    Dir.mktmpdir("hyperion-cluster").tap do |d|
+      File.write(File.join(d, "config.ru"), "run ->(env) { [200, {}, [Process.pid.to_s]] }\n")
+    end
+  end
+
+  def children(pid)
+    Dir["/proc/[0-9]*/stat"].filter_map do |stat|
+      fields = File.read(stat).split(") ").last.split
+      Integer(stat[%r{/proc/(\d+)/}, 1]) if Integer(fields[1]) == pid
+    rescue Errno::ENOENT, Errno::ESRCH
+      nil
+    end
+  end
+
+  def pids_answering(port, want:, tries: 400)
+    seen = []
+    tries.times do
+      seen |= [http_get(port).body.to_i]
+      break if seen.size >= want
+    end
+    seen
+  end
+
+  def wait_until(seconds = 10)
+    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + seconds
+    until yield
+      raise "condition not met within #{seconds} s" if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
+
+      sleep 0.05
+    end
+  end
+
+  %w[reuseport share].each do |model|
+    it "answers from two distinct worker pids with -w 2 (#{model})" do
+      with_cli("-w", "2", chdir: dir, env: { "HYPERION_WORKER_MODEL" => model }) do |port, master|
+        pids = pids_answering(port, want: 2)
+        expect(pids.size).to eq(2)
+        expect(pids).not_to include(master)
+        wait_until { children(master).size == 2 }
+        expect(children(master).sort).to eq(pids.sort)
+      end
+    end
+  end
+
+  it "replaces a killed worker in its slot while requests keep succeeding" do
+    with_cli("-w", "2", chdir: dir) do |port, master|
+      wait_until { children(master).size == 2 }
+      victim = children(master).first
+      Process.kill("KILL", victim)
+      codes = Array.new(30) { http_get(port).code }
+      expect(codes.uniq).to eq(["200"])
+      wait_until(3) { (kids = children(master)).size == 2 && !kids.include?(victim) }
+    end
+  end
+
+  it "adds a worker on TTIN and removes one on TTOU" do
+    with_cli("-w", "2", chdir: dir) do |port, master|
+      wait_until { children(master).size == 2 }
+      Process.kill("TTIN", master)
+      wait_until { children(master).size == 3 }
+      Process.kill("TTOU", master)
+      wait_until { children(master).size == 2 }
+      expect(http_get(port).code).to eq("200")
+    end
+  end
+
+  it "stops every worker gracefully on TERM with zero failed requests under load" do
+    File.write(File.join(dir, "config.ru"), "run ->(env) { sleep 0.01; [200, {}, [Process.pid.to_s]] }\n")
+    with_cli("-w", "2", chdir: dir) do |port, master|
+      wait_until { children(master).size == 2 }
+      results = Queue.new
+      load = Array.new(4) do
+        Thread.new do
+          200.times do
+            results << Net::HTTP.start("127.0.0.1", port, open_timeout: 2, read_timeout: 10) { |h| h.get("/").code }
+          rescue Errno::ECONNREFUSED, Errno::ECONNRESET, EOFError, Net::OpenTimeout => e
+            results << e.class.name
+            break
+          end
+        end
+      end
+      sleep 0.5
+      workers = children(master)
+      Process.kill("TERM", master)
+      _, status = Process.wait2(master)
+      load.each(&:join)
+      codes = Array.new(results.size) { results.pop }
+      expect(status.exitstatus).to eq(0)
+      expect(codes.count("200")).to be > 10
+      expect(codes - ["200"]).to all(match(/ECONNREFUSED|ECONNRESET|EOFError|OpenTimeout/)) # never a 5xx
+      expect(workers.none? { |pid| File.exist?("/proc/#{pid}") && !File.read("/proc/#{pid}/stat").include?(" Z ") })
+        .to be(true)
+    end
+  end
+
+  it "backs off and gives up with a clear message when workers keep dying at boot" do
+    FileUtils.mkdir_p(File.join(dir, "config"))
+    File.write(File.join(dir, "config/hyperion.rb"), "workers 2\non_worker_boot { |i| raise 'no database' }\n")
+    out, status = Open3.capture2e(RbConfig.ruby, ServerHelpers::HYPERION, "-b", "127.0.0.1", "-p", "0", chdir: dir)
+    expect(status.exitstatus).to eq(1)
+    expect(out).to include("workers keep dying at boot")
+    expect(out.scan("restarting it").size).to be_between(1, 10)
+  end
+end
