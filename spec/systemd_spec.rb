@@ -20,6 +20,11 @@ RSpec.describe "systemd integration" do
     [pid, log]
   end
 
+  # A datagram socket of our own, standing in for systemd's NOTIFY_SOCKET.
+  def notify_socket(name)
+    Socket.new(:UNIX, :DGRAM).tap { |s| s.bind(Socket.pack_sockaddr_un(File.join(dir, name))) }
+  end
+
   it "adopts the socket passed as fd 3 (LISTEN_FDS) instead of binding" do
     listener = TCPServer.new("127.0.0.1", 0)
     port = listener.local_address.ip_port
@@ -34,9 +39,8 @@ RSpec.describe "systemd integration" do
   end
 
   it "sends READY=1 when serving and STOPPING=1 on the way out" do
-    path = File.join(dir, "notify.sock")
-    notify = Socket.new(:UNIX, :DGRAM)
-    notify.bind(Socket.pack_sockaddr_un(path))
+    notify = notify_socket("notify.sock")
+    path = notify.local_address.unix_path
     pid, log = spawn_hyperion({ "NOTIFY_SOCKET" => path }, "-b 127.0.0.1 -p 0")
     ready = Timeout.timeout(20) { notify.recv(4096) }
     expect(ready).to start_with("READY=1\n").and include("STATUS=listening on http://127.0.0.1:", "MAINPID=#{pid}")
@@ -49,9 +53,8 @@ RSpec.describe "systemd integration" do
   end
 
   it "pings the watchdog every half WATCHDOG_USEC" do
-    path = File.join(dir, "watchdog.sock")
-    notify = Socket.new(:UNIX, :DGRAM)
-    notify.bind(Socket.pack_sockaddr_un(path))
+    notify = notify_socket("watchdog.sock")
+    path = notify.local_address.unix_path
     pid, = spawn_hyperion({ "NOTIFY_SOCKET" => path, "WATCHDOG_USEC" => "200000" }, "-b 127.0.0.1 -p 0")
     messages = []
     Timeout.timeout(20) { messages << notify.recv(4096) until messages.count("WATCHDOG=1") >= 3 && messages.any? { |m| m.start_with?("READY=1") } }

@@ -237,7 +237,6 @@ fn send_body(
     body: Value,
     reply: Reply<'_>,
 ) {
-    let body_value = body;
     let respond = |body: ResponseBody, headers: HeaderMap, sender: oneshot::Sender<AppResponse>| {
         let _ = sender.send(AppResponse {
             status,
@@ -280,15 +279,15 @@ fn send_body(
                     .and_then(chunk_bytes)
             })
             .collect();
-        let body = chunks.and_then(|chunks| {
-            let body = ResponseBody::from_chunks(chunks);
-            Ok(match trailers(ruby, body_value)? {
-                Some(fields) => body.with_trailers(fields),
-                None => body,
+        let response_body = chunks.and_then(|chunks| {
+            let known = ResponseBody::from_chunks(chunks);
+            Ok(match trailers(ruby, body)? {
+                Some(fields) => known.with_trailers(fields),
+                None => known,
             })
         });
-        return match body {
-            Ok(body) => respond(body, headers, reply.sender),
+        return match response_body {
+            Ok(response_body) => respond(response_body, headers, reply.sender),
             Err(Invalid(message)) => send_error(reply.sender, &message),
         };
     }
