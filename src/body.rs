@@ -96,6 +96,26 @@ pub enum BodyError {
     Spill(io::Error),
 }
 
+/// Reads and discards up to `max_bytes` of a body the server refuses, for at
+/// most `max_time`. Over HTTP/2 a refusal cannot close the connection; taking
+/// the rest of a small upload lets the client finish sending and read the
+/// answer, where a stream reset mid-upload makes some clients drop it.
+pub async fn discard_briefly<B>(mut body: B, max_bytes: u64, max_time: std::time::Duration)
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    let discard = async {
+        let mut seen: u64 = 0;
+        while let Some(Ok(frame)) = body.frame().await {
+            seen += frame.data_ref().map_or(0, |data| data.len() as u64);
+            if seen > max_bytes {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(max_time, discard).await;
+}
+
 /// Reads `body` to its end, keeping up to `memory_limit` bytes in memory and
 /// refusing more than `max_bytes` in all.
 pub async fn read_body<B>(
@@ -160,6 +180,31 @@ mod tests {
             .into_iter()
             .map(|p| Ok::<_, io::Error>(http_body::Frame::data(Bytes::from_static(p))));
         StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn discarding_stops_at_the_byte_limit_or_the_time_limit() {
+        // Counts the frames taken from an endless body.
+        let taken = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = taken.clone();
+        let endless = futures_util::stream::repeat_with(move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Ok::<_, io::Error>(http_body::Frame::data(Bytes::from_static(b"0123456789")))
+        });
+        discard_briefly(
+            StreamBody::new(endless),
+            95,
+            std::time::Duration::from_secs(1),
+        )
+        .await;
+        assert_eq!(taken.load(std::sync::atomic::Ordering::Relaxed), 10);
+
+        let silent = StreamBody::new(futures_util::stream::pending::<
+            Result<http_body::Frame<Bytes>, io::Error>,
+        >());
+        let started = tokio::time::Instant::now();
+        discard_briefly(silent, 95, std::time::Duration::from_secs(1)).await;
+        assert_eq!(started.elapsed(), std::time::Duration::from_secs(1));
     }
 
     #[tokio::test]

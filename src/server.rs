@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, error, warn};
 
-use crate::body::{read_body, stream_body, BodyError, RequestBody};
+use crate::body::{discard_briefly, read_body, stream_body, BodyError, RequestBody};
 use crate::connection::{
     serve, write_request_timeout, Activity, ConnectionCount, Timeouts, WatchedIo,
 };
@@ -91,34 +91,49 @@ impl Shared {
     }
 }
 
-/// A running accept loop on its own tokio runtime.
+/// One listening socket to serve: what the Rack env reports for it
+/// (`info`), and whether its connections are TLS (`tls`).
+pub struct Endpoint {
+    pub listener: Listener,
+    pub info: ServerInfo,
+    pub tls: Option<TlsAcceptor>,
+}
+
+/// Running accept loops (one per endpoint) on their own tokio runtime.
 pub struct Server {
     runtime: Runtime,
+    /// Ends once every accept loop has stopped and the connections of all of
+    /// them have drained (or `graceful_timeout` passed).
     accept_loop: JoinHandle<()>,
 }
 
 impl Server {
-    /// Starts the runtime and the accept loop. Must run after any fork: the
-    /// runtime's threads exist only in the process that calls this.
-    /// With `tls`, every connection is a TLS connection (handshake inside
-    /// its own task, bounded by `read_timeout`).
-    pub fn start(
-        listener: Listener,
-        info: ServerInfo,
-        shared: Arc<Shared>,
-        tls: Option<TlsAcceptor>,
-    ) -> Result<Server, Error> {
+    /// Starts the runtime and one accept loop per endpoint; all of them feed
+    /// `shared.queue` and stop together on `shared.stop`. Must run after any
+    /// fork: the runtime's threads exist only in the process that calls this.
+    /// On an endpoint with `tls`, every connection is a TLS connection
+    /// (handshake inside its own task, bounded by `read_timeout`).
+    pub fn start(endpoints: Vec<Endpoint>, shared: Arc<Shared>) -> Result<Server, Error> {
+        if endpoints.is_empty() {
+            return Err(Error::Listener("no listening socket to serve".into()));
+        }
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(shared.options.io_threads.max(1))
             .thread_name("hyperion-io")
             .enable_all()
             .build()
             .map_err(Error::Runtime)?;
-        let listener = {
+        let endpoints = {
             let _entered = runtime.enter();
-            listener.into_async().map_err(Error::Runtime)?
+            endpoints
+                .into_iter()
+                .map(|e| {
+                    let listener = e.listener.into_async().map_err(Error::Runtime)?;
+                    Ok((listener, Arc::new(e.info), e.tls))
+                })
+                .collect::<Result<Vec<_>, Error>>()?
         };
-        let accept_loop = runtime.spawn(accept_loop(listener, Arc::new(info), shared, tls));
+        let accept_loop = runtime.spawn(serve_endpoints(endpoints, shared));
         Ok(Server {
             runtime,
             accept_loop,
@@ -129,8 +144,8 @@ impl Server {
         self.runtime.handle()
     }
 
-    /// Blocks until the accept loop has stopped and drained (after a stop was
-    /// requested). Returns false if `cancel` was notified first.
+    /// Blocks until the accept loops have stopped and drained (after a stop
+    /// was requested). Returns false if `cancel` was notified first.
     pub fn wait_stopped(&mut self, cancel: &Notify) -> bool {
         let accept_loop = &mut self.accept_loop;
         self.runtime.block_on(async {
@@ -148,13 +163,50 @@ impl Server {
     }
 }
 
+/// Runs one accept loop per endpoint until a stop, then waits (up to
+/// `graceful_timeout`) for the connections of all of them to finish.
+async fn serve_endpoints(
+    endpoints: Vec<(AsyncListener, Arc<ServerInfo>, Option<TlsAcceptor>)>,
+    shared: Arc<Shared>,
+) {
+    let connections = Arc::new(ConnectionCount::default());
+    let loops: Vec<JoinHandle<()>> = endpoints
+        .into_iter()
+        .map(|(listener, info, tls)| {
+            tokio::spawn(accept_loop(
+                listener,
+                info,
+                shared.clone(),
+                tls,
+                connections.clone(),
+            ))
+        })
+        .collect();
+    for accept_loop in loops {
+        // A loop only ends on stop; a panic inside one is tokio's to report.
+        if let Err(e) = accept_loop.await {
+            error!(error = %e, "an accept loop ended abnormally");
+        }
+    }
+    if timeout(shared.options.graceful_timeout, connections.drained())
+        .await
+        .is_err()
+    {
+        warn!(
+            seconds = shared.options.graceful_timeout.as_secs_f64(),
+            "graceful timeout reached; closing the remaining connections"
+        );
+    }
+}
+
+/// Accepts on one listener until a stop, then closes it.
 async fn accept_loop(
     listener: AsyncListener,
     info: Arc<ServerInfo>,
     shared: Arc<Shared>,
     tls: Option<TlsAcceptor>,
+    connections: Arc<ConnectionCount>,
 ) {
-    let connections = Arc::new(ConnectionCount::default());
     let stopped = shared.stop.stopped();
     tokio::pin!(stopped);
     loop {
@@ -183,13 +235,17 @@ async fn accept_loop(
             }
             Ok(Accepted::Unix(stream)) => {
                 let (info, shared, live) = (info.clone(), shared.clone(), connections.enter());
+                let tls = tls.clone();
                 tokio::spawn(async move {
                     let _live = live;
                     let peer = Peer {
                         remote_addr: Arc::from("127.0.0.1"),
                         client_cert: None,
                     };
-                    serve_plaintext(stream, peer, info, shared).await
+                    match tls {
+                        None => serve_plaintext(stream, peer, info, shared).await,
+                        Some(acceptor) => serve_tls(acceptor, stream, peer, info, shared).await,
+                    }
                 });
             }
             Err(e) => {
@@ -203,15 +259,6 @@ async fn accept_loop(
     // backlog of a shared (SO_REUSEPORT or inherited) socket stays with the
     // siblings that still listen.
     drop(listener);
-    if timeout(shared.options.graceful_timeout, connections.drained())
-        .await
-        .is_err()
-    {
-        warn!(
-            seconds = shared.options.graceful_timeout.as_secs_f64(),
-            "graceful timeout reached; closing the remaining connections"
-        );
-    }
 }
 
 enum Accepted {
@@ -256,13 +303,15 @@ where
 
 /// Runs the TLS handshake (bounded by `read_timeout`), then serves. A failed
 /// or stalled handshake only ends this connection.
-async fn serve_tls(
+async fn serve_tls<S>(
     acceptor: TlsAcceptor,
-    stream: tokio::net::TcpStream,
+    stream: S,
     mut peer: Peer,
     info: Arc<ServerInfo>,
     shared: Arc<Shared>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let stream = match timeout(shared.options.read_timeout, acceptor.accept(stream)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(e)) => return debug!(error = %e, "TLS handshake failed"),
@@ -365,6 +414,11 @@ async fn read_whole_body(
     }
 }
 
+/// How much of a refused HTTP/2 request body is taken before answering (the
+/// default initial stream window), and for how long at most.
+const REFUSED_H2_BODY_BYTES: u64 = 65_535;
+const REFUSED_H2_BODY_TIME: Duration = Duration::from_secs(1);
+
 /// `deadline`: when the whole request (counted from its head's first byte)
 /// must have arrived.
 async fn handle_request(
@@ -378,6 +432,9 @@ async fn handle_request(
     let limits = &shared.options.limits;
     if let Err(rejection) = check_head(&head, limits) {
         debug!(status = %rejection.status, reason = rejection.reason, "request refused");
+        if head.version == http::Version::HTTP_2 && !body.is_end_stream() {
+            discard_briefly(body, REFUSED_H2_BODY_BYTES, REFUSED_H2_BODY_TIME).await;
+        }
         // Closing keeps an unread body from ever being parsed as a request.
         return Ok(plain_response(rejection.status, true));
     }
@@ -427,28 +484,43 @@ mod tests {
     use std::net::TcpStream;
     use std::sync::atomic::AtomicBool;
 
-    /// Starts a server whose "app" (a plain thread standing in for Ruby)
-    /// answers with the method, path and body length it saw.
-    fn echo_server() -> (Server, Arc<Shared>, u16, std::thread::JoinHandle<()>) {
+    /// A plain endpoint on a fresh 127.0.0.1 port, and that port.
+    fn plain_endpoint() -> (Endpoint, u16) {
         let listener = Listener::bind_reuseport("127.0.0.1", 0).unwrap();
         let port = listener.local_addr().unwrap().port();
-        let shared = Shared::new(ServerOptions::default(), None);
         let info = ServerInfo {
             scheme: "http",
             host: "127.0.0.1".into(),
             port,
         };
-        let server = Server::start(listener, info, shared.clone(), None).unwrap();
+        let endpoint = Endpoint {
+            listener,
+            info,
+            tls: None,
+        };
+        (endpoint, port)
+    }
+
+    /// Starts a server on `endpoints` whose "app" (a plain thread standing in
+    /// for Ruby) answers with the method, path and body length it saw, then
+    /// the scheme and port of the listener the request came in on.
+    fn echo_server_on(
+        endpoints: Vec<Endpoint>,
+    ) -> (Server, Arc<Shared>, std::thread::JoinHandle<()>) {
+        let shared = Shared::new(ServerOptions::default(), None);
+        let server = Server::start(endpoints, shared.clone()).unwrap();
         let consumer = {
             let shared = shared.clone();
             std::thread::spawn(move || {
                 let flag = AtomicBool::new(false);
                 while let Pop::Job(job) = shared.queue.pop(&flag) {
                     let text = format!(
-                        "{} {} {}",
+                        "{} {} {} {}:{}",
                         job.request.head.method,
                         job.request.head.uri,
-                        job.request.body.known_len().unwrap_or_default()
+                        job.request.body.known_len().unwrap_or_default(),
+                        job.request.server.scheme,
+                        job.request.server.port,
                     );
                     let _ = job.reply.send(AppResponse {
                         status: StatusCode::OK,
@@ -458,6 +530,12 @@ mod tests {
                 }
             })
         };
+        (server, shared, consumer)
+    }
+
+    fn echo_server() -> (Server, Arc<Shared>, u16, std::thread::JoinHandle<()>) {
+        let (endpoint, port) = plain_endpoint();
+        let (server, shared, consumer) = echo_server_on(vec![endpoint]);
         (server, shared, port, consumer)
     }
 
@@ -486,7 +564,16 @@ mod tests {
             .skip(1)
             .map(|rest| rest.split("HTTP/1.1").next().unwrap())
             .collect();
-        assert_eq!(bodies, vec!["GET /a 0", "POST /b 5", "GET /c 0"], "{out}");
+        let http = format!("http:{port}");
+        assert_eq!(
+            bodies,
+            vec![
+                format!("GET /a 0 {http}"),
+                format!("POST /b 5 {http}"),
+                format!("GET /c 0 {http}")
+            ],
+            "{out}"
+        );
         assert!(out.contains("date: "), "hyper adds a Date header: {out}");
         shared.stop.stop();
         assert!(server.wait_stopped(&Notify::new()));
@@ -497,15 +584,9 @@ mod tests {
 
     #[test]
     fn a_full_queue_answers_503_with_retry_after() {
-        let listener = Listener::bind_reuseport("127.0.0.1", 0).unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let (endpoint, port) = plain_endpoint();
         let shared = Shared::new(ServerOptions::default(), Some(1));
-        let info = ServerInfo {
-            scheme: "http",
-            host: "127.0.0.1".into(),
-            port,
-        };
-        let server = Server::start(listener, info, shared.clone(), None).unwrap();
+        let server = Server::start(vec![endpoint], shared.clone()).unwrap();
         // No consumer: the first request fills the queue, the second is refused.
         let mut first = TcpStream::connect(("127.0.0.1", port)).unwrap();
         first
@@ -523,5 +604,59 @@ mod tests {
         drop(first);
         shared.stop.stop();
         server.shutdown();
+    }
+
+    #[test]
+    fn every_endpoint_is_served_with_its_own_server_info_and_all_stop_together() {
+        let (first, first_port) = plain_endpoint();
+        let (mut second, second_port) = plain_endpoint();
+        second.info.scheme = "https-in-name-only";
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.sock");
+        let unix = Endpoint {
+            listener: Listener::Unix(std::os::unix::net::UnixListener::bind(&path).unwrap()),
+            info: ServerInfo {
+                scheme: "http",
+                host: "localhost".into(),
+                port: 0,
+            },
+            tls: None,
+        };
+        let (mut server, shared, consumer) = echo_server_on(vec![first, second, unix]);
+        let request = b"GET /x HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+        let out = exchange(first_port, request);
+        assert!(
+            out.ends_with(&format!("GET /x 0 http:{first_port}")),
+            "{out}"
+        );
+        let out = exchange(second_port, request);
+        assert!(
+            out.ends_with(&format!("GET /x 0 https-in-name-only:{second_port}")),
+            "{out}"
+        );
+        let mut stream = std::os::unix::net::UnixStream::connect(&path).unwrap();
+        stream.write_all(request).unwrap();
+        let mut out = String::new();
+        stream.read_to_string(&mut out).unwrap();
+        assert!(out.ends_with("GET /x 0 http:0"), "{out}");
+
+        shared.stop.stop();
+        assert!(server.wait_stopped(&Notify::new()));
+        // Every listener is closed once the loops have stopped.
+        assert!(TcpStream::connect(("127.0.0.1", first_port)).is_err());
+        assert!(TcpStream::connect(("127.0.0.1", second_port)).is_err());
+        assert!(std::os::unix::net::UnixStream::connect(&path).is_err());
+        shared.queue.close();
+        consumer.join().unwrap();
+        server.shutdown();
+    }
+
+    #[test]
+    fn start_refuses_no_endpoints() {
+        let shared = Shared::new(ServerOptions::default(), None);
+        let err = Server::start(Vec::new(), shared)
+            .err()
+            .expect("should fail");
+        assert!(err.to_string().contains("no listening socket"), "{err}");
     }
 }

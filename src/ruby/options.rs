@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use magnus::prelude::*;
-use magnus::{Error, Float, Integer, RHash, RString, Ruby, Symbol, Value};
+use magnus::{Error, Float, Integer, RArray, RHash, RString, Ruby, Symbol, Value};
 
 use super::errors::class_of;
 use crate::h2_settings::H2Settings;
@@ -103,80 +103,190 @@ fn hash_entries(ruby: &Ruby, key: &str, value: Value) -> Result<Vec<(String, Val
     Ok(entries)
 }
 
-/// `tls: { cert:, key: }`, `tls: { self_signed: true }`, plus optional
-/// `ca:` and `verify_mode: :none | :peer | :force_peer` for client
-/// certificates. Files are read (and checked) when `run` starts.
-pub(crate) fn tls(ruby: &Ruby, value: Option<Value>) -> Result<Option<TlsSettings>, Error> {
+/// The sockets `listener:` hands in: nil (the worker binds host:port itself),
+/// one server socket, or an Array of one or more.
+pub(crate) struct Listeners {
+    /// A private, frozen copy holding every socket (the caller's Array may
+    /// change later); `None` when the worker binds its own socket.
+    pub sockets: Option<RArray>,
+    /// Whether `listener:` was an Array (which allows an Array `tls:`).
+    pub given_as_array: bool,
+}
+
+impl Listeners {
+    /// How many sockets will be served (one when the worker binds its own).
+    pub fn count(&self) -> usize {
+        self.sockets.map_or(1, |sockets| sockets.len())
+    }
+}
+
+const LISTENER_EXPECTED: &str = "a TCPServer or UNIXServer";
+
+/// `listener: nil | socket | [socket, ...]`; a socket is anything with a
+/// `fileno` (TCPServer, UNIXServer, Socket). Whether it listens is checked
+/// by `run`.
+pub(crate) fn listeners(ruby: &Ruby, value: Option<Value>) -> Result<Listeners, Error> {
     let Some(value) = value.filter(|v| !v.is_nil()) else {
-        return Ok(None);
+        return Ok(Listeners {
+            sockets: None,
+            given_as_array: false,
+        });
     };
-    let (mut cert, mut key, mut ca, mut verify, mut self_signed) = (None, None, None, None, false);
-    for (name, v) in hash_entries(ruby, "tls", value)? {
+    let Some(given) = RArray::from_value(value) else {
+        if !value.respond_to("fileno", false)? {
+            return Err(type_error(ruby, "listener", LISTENER_EXPECTED, value));
+        }
+        let sockets = ruby.ary_new_from_values(&[value]);
+        sockets.freeze();
+        return Ok(Listeners {
+            sockets: Some(sockets),
+            given_as_array: false,
+        });
+    };
+    let sockets = given.dup();
+    if sockets.is_empty() {
+        return Err(arg_error(
+            ruby,
+            format!("listener: the Array is empty; give at least one {LISTENER_EXPECTED}, or nil to bind host:port"),
+        ));
+    }
+    for index in 0..sockets.len() {
+        let socket: Value = sockets.entry(index as isize)?;
+        if socket.is_nil() || !socket.respond_to("fileno", false)? {
+            return Err(type_error(
+                ruby,
+                &format!("listener: element {index}"),
+                LISTENER_EXPECTED,
+                socket,
+            ));
+        }
+    }
+    sockets.freeze();
+    Ok(Listeners {
+        sockets: Some(sockets),
+        given_as_array: true,
+    })
+}
+
+/// `tls: nil | Hash | [Hash or nil, ...]`, one entry per listener in the
+/// result: nil serves plain HTTP everywhere, a Hash applies to every
+/// listener, an Array (only with an Array `listener:` of the same length)
+/// gives each listener its own setting, nil for plain.
+pub(crate) fn tls_per_listener(
+    ruby: &Ruby,
+    value: Option<Value>,
+    listeners: &Listeners,
+) -> Result<Vec<Option<TlsSettings>>, Error> {
+    let count = listeners.count();
+    let Some(value) = value.filter(|v| !v.is_nil()) else {
+        return Ok(vec![None; count]);
+    };
+    let Some(per_listener) = RArray::from_value(value) else {
+        return Ok(vec![Some(tls(ruby, "tls", value)?); count]);
+    };
+    if !listeners.given_as_array {
+        return Err(arg_error(
+            ruby,
+            "tls: an Array (one entry per listener) needs listener: to be an Array of sockets; give a Hash to apply to every listener".into(),
+        ));
+    }
+    if per_listener.len() != count {
+        return Err(arg_error(
+            ruby,
+            format!(
+                "tls: the Array has {} entries but listener: has {count} sockets; give one Hash or nil per listener",
+                per_listener.len()
+            ),
+        ));
+    }
+    let mut settings = Vec::with_capacity(count);
+    for index in 0..count {
+        let entry: Value = per_listener.entry(index as isize)?;
+        settings.push(if entry.is_nil() {
+            None
+        } else {
+            Some(tls(ruby, &format!("tls: element {index}"), entry)?)
+        });
+    }
+    Ok(settings)
+}
+
+/// One TLS Hash: `{ cert:, key: }` or `{ self_signed: true }`, plus optional
+/// `ca:` and `verify_mode: :none | :peer | :force_peer` for client
+/// certificates. Files are read (and checked) when `run` starts. `key`
+/// starts every error message ("tls", or "tls: element 1").
+fn tls(ruby: &Ruby, key: &str, value: Value) -> Result<TlsSettings, Error> {
+    let (mut cert, mut key_file, mut ca, mut verify, mut self_signed) =
+        (None, None, None, None, false);
+    for (name, v) in hash_entries(ruby, key, value)? {
         match name.as_str() {
-            "cert" => cert = Some(string(ruby, "tls: cert", v)?),
-            "key" => key = Some(string(ruby, "tls: key", v)?),
-            "ca" => ca = Some(string(ruby, "tls: ca", v)?),
+            "cert" => cert = Some(string(ruby, &format!("{key}: cert"), v)?),
+            "key" => key_file = Some(string(ruby, &format!("{key}: key"), v)?),
+            "ca" => ca = Some(string(ruby, &format!("{key}: ca"), v)?),
             "verify_mode" => {
                 verify = Some(match Symbol::from_value(v) {
                     Some(sym) => sym.name()?.into_owned(),
-                    None => string(ruby, "tls: verify_mode", v)?,
+                    None => string(ruby, &format!("{key}: verify_mode"), v)?,
                 })
             }
-            "self_signed" => self_signed = boolean(ruby, "tls: self_signed", Some(v))?.unwrap_or(false),
+            "self_signed" => {
+                self_signed =
+                    boolean(ruby, &format!("{key}: self_signed"), Some(v))?.unwrap_or(false)
+            }
             other => {
                 return Err(arg_error(
                     ruby,
-                    format!("tls: unknown key :{other} (known: :cert, :key, :self_signed, :ca, :verify_mode)"),
+                    format!("{key}: unknown key :{other} (known: :cert, :key, :self_signed, :ca, :verify_mode)"),
                 ))
             }
         }
     }
-    let certificate = match (cert, key, self_signed) {
+    let certificate = match (cert, key_file, self_signed) {
         (None, None, true) => Certificate::SelfSigned,
         (Some(_), _, true) | (_, Some(_), true) => {
             return Err(arg_error(
                 ruby,
-                "tls: give either :cert and :key, or self_signed: true, not both".into(),
+                format!("{key}: give either :cert and :key, or self_signed: true, not both"),
             ))
         }
-        (Some(cert), Some(key), false) => Certificate::Files {
+        (Some(cert), Some(key_file), false) => Certificate::Files {
             cert: cert.into(),
-            key: key.into(),
+            key: key_file.into(),
         },
         (None, _, false) => {
             return Err(arg_error(
                 ruby,
-                "tls: :cert is missing (give the PEM certificate path)".into(),
+                format!("{key}: :cert is missing (give the PEM certificate path)"),
             ))
         }
         (_, None, false) => {
             return Err(arg_error(
                 ruby,
-                "tls: :key is missing (give the PEM private key path)".into(),
+                format!("{key}: :key is missing (give the PEM private key path)"),
             ))
         }
     };
-    let client_auth =
-        match (verify.as_deref().unwrap_or("none"), ca) {
-            ("none", _) => ClientAuth::None,
-            ("peer", Some(ca)) => ClientAuth::Optional(ca.into()),
-            ("force_peer", Some(ca)) => ClientAuth::Required(ca.into()),
-            ("peer" | "force_peer", None) => return Err(arg_error(
+    let client_auth = match (verify.as_deref().unwrap_or("none"), ca) {
+        ("none", _) => ClientAuth::None,
+        ("peer", Some(ca)) => ClientAuth::Optional(ca.into()),
+        ("force_peer", Some(ca)) => ClientAuth::Required(ca.into()),
+        ("peer" | "force_peer", None) => {
+            return Err(arg_error(
                 ruby,
-                "tls: verify_mode needs :ca, the PEM file of the CAs that sign client certificates"
-                    .into(),
-            )),
-            (other, _) => {
-                return Err(arg_error(
-                    ruby,
-                    format!("tls: verify_mode must be :none, :peer or :force_peer, got {other:?}"),
-                ))
-            }
-        };
-    Ok(Some(TlsSettings {
+                format!("{key}: verify_mode needs :ca, the PEM file of the CAs that sign client certificates"),
+            ))
+        }
+        (other, _) => {
+            return Err(arg_error(
+                ruby,
+                format!("{key}: verify_mode must be :none, :peer or :force_peer, got {other:?}"),
+            ))
+        }
+    };
+    Ok(TlsSettings {
         certificate,
         client_auth,
-    }))
+    })
 }
 
 pub(crate) fn h2_settings(ruby: &Ruby, value: Option<Value>) -> Result<Option<H2Settings>, Error> {

@@ -1,5 +1,5 @@
-//! `Hyperion::Worker`: binds or adopts a listener, runs the boot hooks, serves
-//! until a stop, then drains and runs the shutdown hooks.
+//! `Hyperion::Worker`: binds a listener or adopts one or more, runs the boot
+//! hooks, serves until a stop, then drains and runs the shutdown hooks.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,7 +21,7 @@ use super::nogvl::wait_interruptibly;
 use super::options;
 use crate::listener::Listener;
 use crate::request::ServerInfo;
-use crate::server::{Server, ServerOptions, Shared};
+use crate::server::{Endpoint, Server, ServerOptions, Shared};
 
 /// Settings fixed at `Worker.new`.
 struct Settings {
@@ -29,8 +29,9 @@ struct Settings {
     port: u16,
     thread_count: usize,
     worker_index: i64,
-    /// Serve TLS with these files (read at `run`).
-    tls: Option<crate::tls::TlsSettings>,
+    /// Per listener (one entry when the worker binds its own): serve TLS
+    /// with these files (read at `run`), or plain HTTP for `None`.
+    tls: Vec<Option<crate::tls::TlsSettings>>,
     /// Accepted for interface compatibility; the Rust core is always async.
     #[allow(dead_code)]
     async_io: Option<bool>,
@@ -47,7 +48,9 @@ pub(crate) struct Worker {
     /// for Thread#kill/raise and exit, not for an incoming signal.
     stop_requests: Opaque<Value>,
     config: Opaque<Value>,
-    listener: Option<Opaque<Value>>,
+    /// The adopted sockets: a private frozen Array (see
+    /// `options::listeners`), or `None` to bind host:port.
+    listeners: Option<Opaque<RArray>>,
     settings: Settings,
     shared: Arc<Shared>,
     started: AtomicBool,
@@ -58,8 +61,9 @@ impl DataTypeFunctions for Worker {
         marker.mark(self.app);
         marker.mark(self.config);
         marker.mark(self.stop_requests);
-        if let Some(listener) = self.listener {
-            marker.mark(listener);
+        // Marking the Array keeps every socket in it alive.
+        if let Some(listeners) = self.listeners {
+            marker.mark(listeners);
         }
     }
 }
@@ -94,7 +98,9 @@ impl Worker {
     /// config: nil, worker_index: 0, listener: nil, max_pending: nil,
     /// max_request_read_seconds: 60, h2_settings: nil, async_io: nil,
     /// **limits)` — the limits and timeouts beyond the seed API are listed in
-    /// `options::LIMIT_KEYWORDS`.
+    /// `options::LIMIT_KEYWORDS`. `listener:` is nil, a server socket or an
+    /// Array of them; `tls:` is nil, a Hash (every listener) or, with an
+    /// Array `listener:`, an Array of the same length of Hash or nil.
     fn new(ruby: &Ruby, args: &[Value]) -> Result<Worker, Error> {
         let args = scan_args::<(), (), (), (), RHash, ()>(args)?;
         let kwargs = get_kwargs::<_, (Value, Value, Value, Value), Optional, RHash>(
@@ -154,19 +160,8 @@ impl Worker {
                 ));
             }
         }
-        let listener = match listener.filter(|v| !v.is_nil()) {
-            Some(l) if l.respond_to("fileno", false)? => Some(l),
-            Some(l) => {
-                return Err(options::type_error(
-                    ruby,
-                    "listener",
-                    "a TCPServer or UNIXServer",
-                    l,
-                ))
-            }
-            None => None,
-        };
-        let tls = options::tls(ruby, tls)?;
+        let listeners = options::listeners(ruby, listener)?;
+        let tls = options::tls_per_listener(ruby, tls, &listeners)?;
         let h2 = options::h2_settings(ruby, h2)?;
         let async_io = options::boolean(ruby, "async_io", async_io)?;
 
@@ -192,7 +187,7 @@ impl Worker {
             app: app.into(),
             stop_requests: stop_requests.into(),
             config: config.into(),
-            listener: listener.map(Opaque::from),
+            listeners: listeners.sockets.map(Opaque::from),
             settings: Settings {
                 host,
                 port,
@@ -230,46 +225,52 @@ impl Worker {
         }
         crate::logging::init();
         // Certificates are checked before binding, so a bad file fails fast.
-        let tls = match &worker.settings.tls {
-            Some(settings) => Some(crate::tls::acceptor(settings).map_err(|e| to_ruby(ruby, e))?),
-            None => None,
-        };
-        if let Some(crate::tls::TlsSettings {
-            certificate: crate::tls::Certificate::SelfSigned,
-            ..
-        }) = &worker.settings.tls
-        {
-            tracing::warn!("serving a self-signed development certificate generated for localhost; do not use it in production");
-        }
-        let scheme = if tls.is_some() { "https" } else { "http" };
-        let listener = match worker.listener {
-            Some(listener) => {
-                let fd: i32 = ruby.get_inner(listener).funcall("fileno", ())?;
-                Listener::adopt(fd)
+        let acceptors = tls_acceptors(ruby, &worker.settings.tls)?;
+        let listeners = match worker.listeners {
+            Some(sockets) => {
+                let sockets = ruby.get_inner(sockets);
+                let mut adopted = Vec::with_capacity(sockets.len());
+                for index in 0..sockets.len() {
+                    let socket: Value = sockets.entry(index as isize)?;
+                    let fd: i32 = socket.funcall("fileno", ())?;
+                    adopted.push(Listener::adopt(fd).map_err(|e| to_ruby(ruby, e))?);
+                }
+                adopted
             }
-            None => Listener::bind_reuseport(&worker.settings.host, worker.settings.port),
+            None => vec![
+                Listener::bind_reuseport(&worker.settings.host, worker.settings.port)
+                    .map_err(|e| to_ruby(ruby, e))?,
+            ],
+        };
+        let mut endpoints = Vec::with_capacity(listeners.len());
+        for (listener, tls) in listeners.into_iter().zip(acceptors) {
+            let bound = listener
+                .local_addr()
+                .map_err(|e| hyperion_error(ruby, format!("listener: {e}")))?;
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            tracing::info!(
+                pid = std::process::id(),
+                worker_index = worker.settings.worker_index,
+                url = %bound.url(scheme),
+                "worker listening"
+            );
+            let info = ServerInfo {
+                scheme,
+                host: bound.host(),
+                port: bound.port(),
+            };
+            endpoints.push(Endpoint {
+                listener,
+                info,
+                tls,
+            });
         }
-        .map_err(|e| to_ruby(ruby, e))?;
-        let bound = listener
-            .local_addr()
-            .map_err(|e| hyperion_error(ruby, format!("listener: {e}")))?;
-        tracing::info!(
-            pid = std::process::id(),
-            worker_index = worker.settings.worker_index,
-            url = %bound.url(scheme),
-            "worker listening"
-        );
 
         let traps = install_traps(ruby, rb_self)?;
         let config = ruby.get_inner(worker.config);
         let served = call_hooks(config, "on_worker_boot", worker.settings.worker_index, true)
             .and_then(|()| {
-                let info = ServerInfo {
-                    scheme,
-                    host: bound.host(),
-                    port: bound.port(),
-                };
-                let result = serve(ruby, rb_self, listener, info, tls);
+                let result = serve(ruby, rb_self, endpoints);
                 // Seed semantics: shutdown hooks run whenever the loop was
                 // entered, also when it ends by error.
                 let _ = call_hooks(
@@ -287,17 +288,10 @@ impl Worker {
 
 /// Serves until stopped, then drains: stop accepting, let in-flight requests
 /// finish (bounded by graceful_timeout), stop the app threads.
-fn serve(
-    ruby: &Ruby,
-    rb_self: Obj<Worker>,
-    listener: Listener,
-    info: ServerInfo,
-    tls: Option<tokio_rustls::TlsAcceptor>,
-) -> Result<(), Error> {
+fn serve(ruby: &Ruby, rb_self: Obj<Worker>, endpoints: Vec<Endpoint>) -> Result<(), Error> {
     let worker = &*rb_self;
     let shared = &worker.shared;
-    let mut server =
-        Server::start(listener, info, shared.clone(), tls).map_err(|e| to_ruby(ruby, e))?;
+    let mut server = Server::start(endpoints, shared.clone()).map_err(|e| to_ruby(ruby, e))?;
     let context = Arc::new(AppContext {
         shared: shared.clone(),
         runtime: server.handle().clone(),
@@ -314,7 +308,7 @@ fn serve(
             .map(|_| ());
     }
     shared.stop.stop();
-    close_adopted_listener(worker);
+    close_adopted_listeners(worker);
     tracing::debug!("stopping: draining connections");
     let cancel = Notify::new();
     let drained = wait_interruptibly(
@@ -340,24 +334,57 @@ fn serve(
     result.and(drained).and(joined).and(stopped)
 }
 
-/// Closes this process's handle on an adopted listener as soon as a stop
+/// Builds one acceptor per listener (`None` for plain HTTP), or says in one
+/// line what is wrong with the files. Equal settings share one acceptor, so
+/// `self_signed: true` on several listeners generates one certificate.
+fn tls_acceptors(
+    ruby: &Ruby,
+    settings: &[Option<crate::tls::TlsSettings>],
+) -> Result<Vec<Option<tokio_rustls::TlsAcceptor>>, Error> {
+    let mut built: Vec<(&crate::tls::TlsSettings, tokio_rustls::TlsAcceptor)> = Vec::new();
+    let mut acceptors = Vec::with_capacity(settings.len());
+    for tls in settings {
+        let Some(tls) = tls else {
+            acceptors.push(None);
+            continue;
+        };
+        if let Some((_, acceptor)) = built.iter().find(|(seen, _)| *seen == tls) {
+            acceptors.push(Some(acceptor.clone()));
+            continue;
+        }
+        let acceptor = crate::tls::acceptor(tls).map_err(|e| to_ruby(ruby, e))?;
+        if tls.certificate == crate::tls::Certificate::SelfSigned {
+            tracing::warn!("serving a self-signed development certificate generated for localhost; do not use it in production");
+        }
+        built.push((tls, acceptor.clone()));
+        acceptors.push(Some(acceptor));
+    }
+    Ok(acceptors)
+}
+
+/// Closes this process's handle on every adopted listener as soon as a stop
 /// begins, so new connections are refused during the drain instead of
 /// waiting in a backlog nobody accepts from. Siblings that inherited the same
-/// socket keep theirs.
-fn close_adopted_listener(worker: &Worker) {
-    let Some(listener) = worker.listener else {
+/// sockets keep theirs.
+fn close_adopted_listeners(worker: &Worker) {
+    let Some(listeners) = worker.listeners else {
         return;
     };
     let Ok(ruby) = Ruby::get() else {
         return;
     };
-    let listener = ruby.get_inner(listener);
-    let closed = listener
-        .funcall::<_, _, bool>("closed?", ())
-        .unwrap_or(true);
-    if !closed {
-        if let Err(e) = listener.funcall::<_, _, Value>("close", ()) {
-            log_exception("could not close the listener", &e);
+    let listeners = ruby.get_inner(listeners);
+    for index in 0..listeners.len() {
+        let Ok(listener) = listeners.entry::<Value>(index as isize) else {
+            continue;
+        };
+        let closed = listener
+            .funcall::<_, _, bool>("closed?", ())
+            .unwrap_or(true);
+        if !closed {
+            if let Err(e) = listener.funcall::<_, _, Value>("close", ()) {
+                log_exception("could not close a listener", &e);
+            }
         }
     }
 }
