@@ -3,7 +3,7 @@
 require "spec_helper"
 
 # `workers N`: a master that forks, refills and stops workers, black-box with
-# real signals. Hot and phased restarts (USR2/USR1) are not here yet.
+# real signals. Hot and phased restarts are in restart_spec.rb.
 RSpec.describe "cluster mode", timeout: 120 do
   let(:dir) do
     Dir.mktmpdir("hyperion-cluster").tap do |d|
@@ -108,5 +108,35 @@ RSpec.describe "cluster mode", timeout: 120 do
     expect(status.exitstatus).to eq(1)
     expect(out).to include("workers keep dying at boot")
     expect(out.scan("restarting it").size).to be_between(1, 10)
+  end
+
+  it "serves several binds at once: TCP and a unix socket with its umask" do
+    socket = File.join(dir, "app.sock")
+    with_cli("-w", "2", "-b", "tcp://127.0.0.1:0", "-b", "unix://#{socket}?umask=0077", chdir: dir, bind: false) do |port, _master, log|
+      wait_until { File.read(log).include?("all 2 workers serving") }
+      expect(File.read(log)).to include("listening on unix://#{socket}")
+      expect(File.stat(socket).mode & 0o777).to eq(0o700)
+      expect(http_get(port).code).to eq("200")
+      over_unix = UNIXSocket.open(socket) { |s| s.write("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"); s.read }
+      expect(over_unix).to start_with("HTTP/1.1 200")
+    end
+    expect(File.exist?(socket)).to be(false)
+  end
+
+  it "keeps the busiest worker within 1.2x of the idlest under steady load (reuseport)" do
+    with_cli("-w", "2", chdir: dir) do |port, master, _log|
+      wait_until { children(master).size == 2 }
+      tally = Hash.new(0)
+      threads = Array.new(8) do
+        Thread.new do
+          local = Hash.new(0)
+          150.times { local[http_get(port).body] += 1 }
+          local
+        end
+      end
+      threads.each { |t| t.value.each { |pid, n| tally[pid] += n } }
+      expect(tally.size).to eq(2)
+      expect(tally.values.max.fdiv(tally.values.min)).to be <= 1.2
+    end
   end
 end

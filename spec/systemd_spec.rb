@@ -2,8 +2,8 @@
 
 require "spec_helper"
 
-# Single-process systemd integration, black-box: a hand-made LISTEN_FDS
-# socket, and sd_notify messages read from our own datagram socket.
+# systemd integration, black-box: a hand-made LISTEN_FDS socket, and
+# sd_notify messages read from our own datagram socket.
 RSpec.describe "systemd integration" do
   let(:dir) do
     Dir.mktmpdir("hyperion-systemd").tap do |d|
@@ -63,5 +63,48 @@ RSpec.describe "systemd integration" do
     Process.kill("TERM", pid) if pid
     Process.wait(pid) if pid
     notify&.close
+  end
+
+  it "in cluster mode, the master sends READY=1 once all workers serve, RELOADING=1 on USR2, STOPPING=1 on TERM" do
+    notify = notify_socket("cluster.sock")
+    path = notify.local_address.unix_path
+    pid, log = spawn_hyperion({ "NOTIFY_SOCKET" => path }, "-w 2 -b 127.0.0.1 -p 0")
+    ready = Timeout.timeout(20) { notify.recv(4096) }
+    expect(ready).to start_with("READY=1\n").and include("STATUS=2 workers serving", "MAINPID=#{pid}")
+    expect(File.read(log).scan(/worker \d started/).size).to eq(2)
+    Process.kill("USR2", pid)
+    expect(Timeout.timeout(10) { notify.recv(4096) }).to start_with("RELOADING=1\nMONOTONIC_USEC=")
+    expect(Timeout.timeout(20) { notify.recv(4096) }).to start_with("READY=1\n").and include("MAINPID=#{pid}")
+    Process.kill("TERM", pid)
+    expect(Timeout.timeout(10) { notify.recv(4096) }).to eq("STOPPING=1")
+    _, status = Process.wait2(pid)
+    pid = nil
+    expect(status.exitstatus).to eq(0), File.read(log)
+  ensure
+    if pid
+      Process.kill("KILL", pid)
+      Process.wait(pid)
+    end
+    notify&.close
+  end
+
+  it "keeps an activated socket across a hot restart, failing no request" do
+    listener = TCPServer.new("127.0.0.1", 0)
+    port = listener.local_address.ip_port
+    pid, log = spawn_hyperion({ "LISTEN_FDS" => "1" }, "-w 2", 3 => listener)
+    listener.close # the server holds its own copy now
+    Timeout.timeout(20) { sleep 0.05 until File.read(log).include?("all 2 workers serving") }
+    result = under_load(port) do
+      Process.kill("USR2", pid)
+      Timeout.timeout(30) { sleep 0.05 until File.read(log).scan(/old worker \(pid \d+\) left/).size == 2 }
+    end
+    expect(result["codes"]).to eq("200" => result["codes"]["200"])
+    expect(File.read(log).scan("listening on http://127.0.0.1:#{port}").size).to eq(2)
+    expect(http_get(port).body).to start_with("activated ")
+  ensure
+    if pid
+      Process.kill("TERM", pid)
+      Process.wait(pid)
+    end
   end
 end

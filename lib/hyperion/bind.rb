@@ -6,7 +6,8 @@ module Hyperion
   # A listen address: `tcp://HOST:PORT`, `ssl://HOST:PORT?cert=..&key=..`
   # (also `ca=`, `verify_mode=`; no files means a self-signed development
   # certificate), `unix:///path/to.sock`, or a bare host (with a port apart).
-  Bind = Struct.new(:scheme, :host, :port, :path, :tls, keyword_init: true) do
+  # Unix binds take `?umask=0077` for the socket file's permissions.
+  Bind = Struct.new(:scheme, :host, :port, :path, :tls, :umask, keyword_init: true) do
     def self.parse(text, default_port: 9292)
       return new(scheme: :tcp, host: text, port: default_port) unless text.include?("://")
 
@@ -19,7 +20,7 @@ module Hyperion
         path = "#{uri.host}#{uri.path}"
         raise ConfigError, "bind #{text}: give the socket path, as in unix:///run/app.sock" if path.empty?
 
-        new(scheme: :unix, path: path)
+        new(scheme: :unix, path: path, umask: umask_of(uri, text))
       else
         raise ConfigError, "bind #{text}: unknown scheme #{uri.scheme.inspect} (use tcp://, ssl:// or unix://)"
       end
@@ -50,6 +51,23 @@ module Hyperion
       tls[:verify_mode] = tls[:verify_mode].to_sym if tls[:verify_mode]
       tls[:self_signed] = true unless tls[:cert] || tls[:key]
       tls
+    end
+
+    def self.umask_of(uri, text)
+      params = URI.decode_www_form(uri.query.to_s).to_h
+      unknown = params.keys - %w[umask]
+      raise ConfigError, "bind #{text}: unknown unix parameter #{unknown.first} (only umask)" if unknown.any?
+      return nil unless params["umask"]
+
+      umask = Integer(params["umask"], 8, exception: false)
+      raise ConfigError, "bind #{text}: umask must be octal, as in umask=0077" unless umask&.between?(0, 0o777)
+
+      umask
+    end
+
+    # As error messages name it: the path, or HOST:PORT.
+    def to_s
+      scheme == :unix ? path : "#{url_host}:#{port}"
     end
 
     def url_host

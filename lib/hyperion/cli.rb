@@ -1,17 +1,22 @@
 # frozen_string_literal: true
 
 require "optparse"
+require "rbconfig"
 require "socket"
 require "hyperion"
 require "hyperion/bind"
 require "hyperion/dsl"
 require "hyperion/systemd"
 require "hyperion/cluster"
+require "hyperion/single"
+require "hyperion/listeners"
+require "hyperion/log_files"
 
 module Hyperion
   # `hyperion [options] [config.ru]`: parses options, reads config/hyperion.rb
-  # (flags win over it), loads the rackup, binds and runs one worker. Every
-  # user mistake ends as one line on stderr and exit status 1.
+  # (flags win over it), loads the rackup, binds, then runs one worker in this
+  # process (Single) or a master and its workers (Cluster). Every user
+  # mistake ends as one line on stderr and exit status 1.
   class CLI
     BANNER = "Usage: hyperion [options] [config.ru]"
     DEFAULT_CONFIG = "config/hyperion.rb"
@@ -35,6 +40,9 @@ module Hyperion
       @argv = argv.dup
       @out = out
       @err = err
+      # What a hot restart (USR2) executes again.
+      @restart_command = [RbConfig.ruby, File.expand_path($PROGRAM_NAME), *argv]
+      @startup_dir = Dir.pwd
     end
 
     # Returns the process exit status.
@@ -43,26 +51,26 @@ module Hyperion
       return 0 if flags[:exit]
 
       config = configure(flags)
-      bind = resolve_bind(config, flags)
-      tls = tls_settings(bind, config)
-      app = load_rackup(flags[:rackup])
-      listener = Systemd.activated_listener || open_listener(bind)
+      LogFiles.open(config.stdout_redirect)
+      binds = resolve_binds(config, flags)
+      reuseport = config.workers > 1 && worker_model(config, binds) == :reuseport
+      app = load_rackup(flags[:rackup]) if config.workers == 1 || config.preload_app
+      check_rackup(flags[:rackup])
+      listeners = Listeners.setup(binds, reuseport: reuseport)
       write_pidfile(config.pidfile)
-      announce(config, bind, listener, tls)
       watchdog = Systemd.start_watchdog
-      return run_cluster(config, bind, listener, app, tls) if config.workers > 1
-
-      build_worker(config, bind, listener, app, tls).run
-      0
+      runner_class = config.workers > 1 ? Cluster : Single
+      announce(config, listeners, cluster: runner_class == Cluster)
+      build = ->(index, sockets) { build_worker(config, listeners, sockets, app || load_rackup(flags[:rackup]), index) }
+      runner_class.new(config: config, listeners: listeners, build_worker: build, restart: method(:restart),
+                       log: method(:log)).run
     rescue OptionParser::ParseError => e
       fail_with "#{e.message} (see hyperion --help)"
     rescue Hyperion::Error => e
       fail_with e.message
     ensure
       watchdog&.kill
-      Systemd.notify("STOPPING=1") if listener
-      listener&.close
-      File.delete(bind.path) if bind&.scheme == :unix && listener && File.socket?(bind.path)
+      listeners&.close
       File.delete(config.pidfile) if config&.pidfile && File.exist?(config.pidfile)
     end
 
@@ -76,23 +84,29 @@ module Hyperion
       flags[:settings].each { |name, value| config.public_send("#{name}=", value) }
       config.limits = config.limits.merge(flags[:limits])
       config.tls = (config.tls || {}).merge(flags[:tls]) if flags[:tls].any?
+      config.stdout_redirect = flags[:redirect] if flags[:redirect][0] || flags[:redirect][1]
       ENV["RACK_ENV"] = config.environment if config.environment
       config
     end
 
-    def resolve_bind(config, flags)
-      return Bind.parse(config.host, default_port: config.port) unless config.bind
+    # -b flags replace the config file's binds; -p sets the port of every
+    # TCP bind; TLS settings go to the ssl:// binds, or to every TCP bind when
+    # there is none.
+    def resolve_binds(config, flags)
+      uris = flags[:binds].any? ? flags[:binds] : config.binds
+      uris = [config.host] if uris.empty?
+      binds = uris.map { |uri| Bind.parse(uri, default_port: config.port) }
+      binds.each { |bind| bind.port = config.port unless bind.scheme == :unix } if flags[:settings].key?(:port)
+      ssl = binds.select { |bind| bind.scheme == :ssl }
+      extra = config.tls || {}
+      targets = ssl.any? ? ssl : binds.reject { |bind| extra.empty? || bind.scheme == :unix }
+      raise ConfigError, "unix binds cannot serve TLS; use ssl://HOST:PORT" if targets.empty? && !extra.empty?
 
-      bind = Bind.parse(config.bind, default_port: config.port)
-      bind.port = config.port if flags[:settings].key?(:port) && bind.scheme != :unix
-      bind
+      targets.each { |bind| bind.tls = tls_settings((bind.tls || {}).merge(extra)) }
+      binds
     end
 
-    # TLS from an ssl:// bind, the config file's `tls` and the --tls flags.
-    def tls_settings(bind, config)
-      tls = (bind.tls || {}).merge(config.tls || {})
-      return nil if tls.empty?
-      raise ConfigError, "unix binds cannot serve TLS; use ssl://HOST:PORT" if bind.scheme == :unix
+    def tls_settings(tls)
       raise ConfigError, "--tls-key given without --tls-cert" if tls[:key] && !tls[:cert]
       raise ConfigError, "--tls-cert given without --tls-key" if tls[:cert] && !tls[:key]
       if tls[:cert] || tls[:key]
@@ -104,24 +118,36 @@ module Hyperion
       tls
     end
 
-    def run_cluster(config, bind, listener, app, tls)
-      model = (ENV["HYPERION_WORKER_MODEL"] || config.worker_model || (bind.scheme == :unix ? :share : :reuseport)).to_sym
-      unless %i[reuseport share].include?(model)
-        raise ConfigError, "HYPERION_WORKER_MODEL must be reuseport or share, got #{model}"
-      end
-      raise ConfigError, "unix binds need worker_model :share" if model == :reuseport && bind.scheme == :unix
+    def worker_model(config, binds)
+      model = (ENV["HYPERION_WORKER_MODEL"] || config.worker_model || :reuseport).to_sym
+      return model if %i[reuseport share].include?(model)
 
-      build = lambda do |index, shared_listener, port|
-        build_worker(config, bind, shared_listener, app, tls, index: index, port: port)
-      end
-      log = ->(message) { @err.puts "hyperion master: #{message}" }
-      Cluster.new(config: config, bind: bind, model: model, build_worker: build, log: log).run(listener)
+      raise ConfigError, "HYPERION_WORKER_MODEL must be reuseport or share, got #{model}"
     end
 
-    def build_worker(config, bind, listener, app, tls, index: 0, port: nil)
-      port ||= listener.local_address.ip? ? listener.local_address.ip_port : 0
-      Worker.new(host: bind.host || "localhost", port: port, app: app, read_timeout: config.read_timeout,
-                 thread_count: config.threads, config: config, listener: listener, tls: tls,
+    # USR2: the same command line again, from the same directory, with the
+    # sockets passed as open file descriptors.
+    def restart(env, redirects)
+      @out.flush
+      @err.flush
+      Dir.chdir(@startup_dir)
+      exec(env, *@restart_command, redirects.merge(close_others: false))
+    end
+
+    def log(message)
+      @err.puts "hyperion master: #{message}"
+    end
+
+    def build_worker(config, listeners, sockets, app, index)
+      address = sockets.first.local_address
+      tls = sockets.each_index.map { |i| listeners.tls_at(i) }
+      tls = if tls.none? then nil
+            elsif sockets.size == 1 then tls.first
+            else tls
+            end
+      Worker.new(host: address.ip? ? address.ip_address : "localhost", port: address.ip? ? address.ip_port : 0,
+                 app: app, read_timeout: config.read_timeout, thread_count: config.threads, config: config,
+                 listener: sockets.size == 1 ? sockets.first : sockets, tls: tls,
                  h2_settings: config.h2, worker_index: index, **config.limits)
     rescue ArgumentError, TypeError => e
       # Worker messages start with the keyword; name the flag instead.
@@ -129,37 +155,32 @@ module Hyperion
       raise ConfigError, flag ? e.message.sub(/\A#{flag[1]}:/, "#{flag[0].split.first}:") : e.message
     end
 
-    def announce(config, bind, listener, tls)
-      address = listener.local_address
-      url = if address.unix?
-              "unix://#{address.unix_path}"
-            else
-              host = address.ip_address.include?(":") ? "[#{address.ip_address}]" : address.ip_address
-              host = bind.url_host if %w[0.0.0.0 [::]].include?(host) && bind.host
-              "#{tls ? 'https' : 'http'}://#{host}:#{address.ip_port}"
-            end
-      config.on_worker_boot << lambda do |index|
-        next unless index.zero? # once, also in cluster mode
-
-        @out.puts "listening on #{url}"
+    # A cluster's master listens before it forks, so it can say so at once
+    # (connections wait in the backlog until a worker takes them); one
+    # process says so once its worker serves, with READY=1 for systemd.
+    def announce(config, listeners, cluster:)
+      lines = listeners.urls.map { |url| "listening on #{url}" }
+      if cluster
+        @out.puts lines
         @out.flush
-        Systemd.notify("READY=1\nSTATUS=listening on #{url}\nMAINPID=#{Process.pid}")
+        return
+      end
+
+      config.on_worker_boot << lambda do |_index|
+        @out.puts lines
+        @out.flush
+        Systemd.notify("READY=1\nSTATUS=#{lines.join(', ')}\nMAINPID=#{Process.pid}")
       end
     end
 
     def parse
-      flags = { settings: {}, limits: {}, tls: {} }
+      flags = { settings: {}, limits: {}, tls: {}, binds: [], redirect: [nil, nil, true] }
       parser = OptionParser.new do |o|
         o.banner = BANNER
         o.separator ""
         o.on("-b", "--bind HOST|URI", "Address or URI to listen on: HOST, tcp://HOST:PORT, ssl://HOST:PORT?cert=..&key=.., " \
-                                      "unix:///path (default 0.0.0.0)") do |v|
-          if v.include?("://")
-            flags[:settings][:bind] = v
-          else
-            flags[:settings][:host] = v
-            flags[:settings][:bind] = nil
-          end
+                                      "unix:///path; repeat for several (default 0.0.0.0)") do |v|
+          flags[:binds] << v
         end
         o.on("-p", "--port PORT", Integer, "Port to listen on, 0 for any free port (default 9292)") do |v|
           raise ConfigError, "--port must be between 0 and 65535, got #{v}" unless (0..65_535).cover?(v)
@@ -179,6 +200,21 @@ module Hyperion
         o.on("-C", "--config PATH", "Config file (default #{DEFAULT_CONFIG} when it exists)") { |v| flags[:config] = v }
         o.on("-e", "--environment NAME", "Sets RACK_ENV") { |v| flags[:settings][:environment] = v }
         o.on("--pidfile PATH", "Write the process id here while running") { |v| flags[:settings][:pidfile] = v }
+        o.on("--[no-]preload", "With workers: load the app once in the master before forking (default on)") do |v|
+          flags[:settings][:preload_app] = v
+        end
+        o.on("--worker-timeout SECONDS", Float, "Kill a worker silent for this long (default 60)") do |v|
+          flags[:settings][:worker_timeout] = v
+        end
+        o.on("--redirect-stdout PATH", "Append stdout to this file; HUP reopens it") do |v|
+          flags[:redirect][0] = v
+        end
+        o.on("--redirect-stderr PATH", "Append stderr to this file; HUP reopens it") do |v|
+          flags[:redirect][1] = v
+        end
+        o.on("--[no-]redirect-append", "Append to the redirect files (default) or truncate them") do |v|
+          flags[:redirect][2] = v
+        end
         o.separator ""
         o.separator "TLS:"
         o.on("--tls-cert PATH", "PEM certificate chain; serves https") { |v| flags[:tls][:cert] = v }
@@ -231,11 +267,14 @@ module Hyperion
       threads
     end
 
-    def load_rackup(path)
-      unless File.file?(path)
-        raise ConfigError, "no rackup file at #{path} (pass its path: hyperion path/to/config.ru)"
-      end
+    def check_rackup(path)
+      return if File.file?(path)
 
+      raise ConfigError, "no rackup file at #{path} (pass its path: hyperion path/to/config.ru)"
+    end
+
+    def load_rackup(path)
+      check_rackup(path)
       require "rack"
       loaded = Rack::Builder.parse_file(path)
       # Rack 2 returns [app, options]; Rack 3 returns the app.
@@ -244,23 +283,6 @@ module Hyperion
       raise if e.is_a?(Hyperion::Error)
 
       raise ConfigError, "could not load #{path}: #{e.class}: #{e.message.lines.first&.chomp}"
-    end
-
-    def open_listener(bind)
-      return UNIXServer.new(bind.path) if bind.scheme == :unix
-
-      TCPServer.new(bind.host, bind.port)
-    rescue Errno::EADDRINUSE
-      raise BindError, "could not bind #{describe(bind)}: address already in use"
-    rescue Errno::EACCES
-      raise BindError, "could not bind #{describe(bind)}: permission denied" \
-                       "#{' (ports below 1024 need root)' unless bind.scheme == :unix}"
-    rescue Errno::EADDRNOTAVAIL, Errno::ENOENT, SocketError => e
-      raise BindError, "could not bind #{describe(bind)}: #{e.message}"
-    end
-
-    def describe(bind)
-      bind.scheme == :unix ? bind.path : "#{bind.url_host}:#{bind.port}"
     end
 
     def write_pidfile(path)

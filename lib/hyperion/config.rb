@@ -8,13 +8,16 @@ module Hyperion
     DEFAULTS = {
       host: "0.0.0.0",
       port: 9292,
-      bind: nil, # a bind URI (tcp://, ssl://, unix://) overrides host/port
+      binds: [], # bind URIs (tcp://, ssl://, unix://); when empty, host and port
       threads: 5,
       workers: 1,
       worker_model: nil, # :reuseport or :share; see Cluster
       environment: nil,
       pidfile: nil,
       preload_app: true,
+      worker_timeout: 60, # seconds without a heartbeat before the master kills a worker
+      worker_max_rss_mb: nil, # recycle a worker gracefully above this resident size
+      stdout_redirect: nil, # [stdout_path, stderr_path, append]; HUP reopens them
       read_timeout: 30,
       graceful_timeout: 30,
       io_threads: 1,

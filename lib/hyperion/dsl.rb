@@ -27,9 +27,10 @@ module Hyperion
     end
 
     # Listen on a URI: tcp://HOST:PORT, ssl://HOST:PORT?cert=...&key=..., unix:///path.
+    # Each call adds one more listener, as in Puma.
     def bind(uri)
       Bind.parse(string(:bind, uri)) # checked now, so the error names this line
-      @config.bind = uri
+      @config.binds << uri
     rescue ConfigError => e
       fail!(e.message)
     end
@@ -68,7 +69,28 @@ module Hyperion
     end
 
     def preload_app!(enabled = true)
+      fail!("preload_app! expects true or false, got #{enabled.inspect}") unless [true, false].include?(enabled)
       @config.preload_app = enabled
+    end
+
+    # Seconds a worker may go without a heartbeat (booting included) before
+    # the master kills and replaces it.
+    def worker_timeout(seconds)
+      @config.worker_timeout = seconds(:worker_timeout, seconds)
+    end
+
+    # Recycle a worker gracefully (a new one first, then drain the old) once
+    # its resident memory passes this many megabytes.
+    def worker_max_rss_mb(megabytes)
+      @config.worker_max_rss_mb = integer(:worker_max_rss_mb, megabytes, 1..)
+    end
+
+    # Send stdout and stderr to files (appending unless append is false);
+    # SIGHUP reopens them, for logrotate.
+    def stdout_redirect(stdout = nil, stderr = nil, append = true)
+      string(:stdout_redirect, stdout) unless stdout.nil?
+      string(:stdout_redirect, stderr) unless stderr.nil?
+      @config.stdout_redirect = [stdout, stderr, append ? true : false]
     end
 
     def read_timeout(seconds)

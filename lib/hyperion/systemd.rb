@@ -3,23 +3,30 @@
 require "socket"
 
 module Hyperion
-  # systemd integration for a single process: socket activation (adopt the
-  # listening socket systemd passed as fd 3) and sd_notify readiness.
+  # systemd integration: socket activation (adopt the listening sockets
+  # systemd passed from fd 3 on) and sd_notify messages.
   module Systemd
     LISTEN_FDS_START = 3
 
     module_function
 
-    # The listener systemd passed (LISTEN_FDS/LISTEN_PID), or nil.
-    def activated_listener(env = ENV)
+    # The listening sockets systemd passed (LISTEN_FDS/LISTEN_PID), or nil.
+    # The variables are removed so workers and later images do not adopt
+    # them a second time; a hot restart hands the sockets on itself.
+    def activated_sockets(env = ENV)
       return nil unless env["LISTEN_PID"].to_i == Process.pid && env["LISTEN_FDS"].to_i >= 1
 
-      socket = Socket.for_fd(LISTEN_FDS_START)
-      socket.autoclose = false
-      address = socket.local_address
-      address.unix? ? UNIXServer.for_fd(LISTEN_FDS_START) : TCPServer.for_fd(LISTEN_FDS_START)
-    rescue SystemCallError => e
-      raise ConfigError, "LISTEN_FDS is set but fd #{LISTEN_FDS_START} is not a listening socket (#{e.message})"
+      count = env["LISTEN_FDS"].to_i
+      %w[LISTEN_PID LISTEN_FDS LISTEN_FDNAMES].each { |name| env.delete(name) }
+      Array.new(count) do |i|
+        fd = LISTEN_FDS_START + i
+        Socket.for_fd(fd).tap do |socket|
+          socket.close_on_exec = true
+          socket.local_address # raises unless it is a socket
+        end
+      rescue SystemCallError => e
+        raise ConfigError, "LISTEN_FDS is set but fd #{fd} is not a listening socket (#{e.message})"
+      end
     end
 
     # Sends one sd_notify message (READY=1, STOPPING=1, WATCHDOG=1...) when
