@@ -225,6 +225,28 @@ RSpec.describe "HTTP/1.1 against slow and greedy clients" do
       end
     end
 
+    it "answers a request sent on an idle keep-alive connection just after the stop, with connection: close" do
+      app = ->(env) { [200, {}, ["ok #{env['PATH_INFO']}"]] }
+      with_worker(app) do |port, worker|
+        busy = connect(port)
+        busy.write("GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        busy.readpartial(4096)
+        quiet = connect(port)
+        quiet.write("GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        quiet.readpartial(4096)
+        worker.stop
+        # A client that had its next request on the way when the stop began.
+        busy.write("GET /second HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = read_all(busy, 3)
+        expect(response).to start_with("HTTP/1.1 200").and end_with("ok /second")
+        expect(response.downcase).to include("connection: close")
+        # One that sends nothing is closed after the grace (500 ms).
+        started = Process.clock_gettime(Process::CLOCK_MONOTONIC)
+        expect(read_all(quiet, 3)).to eq("")
+        expect(Process.clock_gettime(Process::CLOCK_MONOTONIC) - started).to be < 2
+      end
+    end
+
     it "completes every request accepted before the stop, under load" do
       app = ->(_env) { sleep 0.005; [200, {}, ["ok"]] }
       with_worker(app, thread_count: 4) do |port, worker|

@@ -23,6 +23,19 @@ RSpec.describe "HTTP/1.1 handling" do
     end
   end
 
+  it "closes a keep-alive connection after max_keepalive_requests, saying so on the last response" do
+    with_worker(echo, max_keepalive_requests: 2) do |port|
+      raw = (1..3).map { |i| "GET /k#{i} HTTP/1.1\r\nHost: x\r\n\r\n" }.join
+      responses = parse_responses(raw_exchange(port, raw))
+      expect(responses.map(&:last)).to eq(["GET /k1 ", "GET /k2 "])
+      expect(responses.map { |(_, headers, _)| headers["connection"] }).to eq([nil, ["close"]])
+    end
+    with_worker(echo, max_keepalive_requests: 0) do |port|
+      raw = (1..3).map { |i| "GET /u#{i} HTTP/1.1\r\nHost: x\r\n\r\n" }.join
+      expect(parse_responses(raw_exchange(port, raw, wait: 1)).size).to eq(3)
+    end
+  end
+
   it "answers pipelined requests in order" do
     with_worker(echo, thread_count: 4) do |port|
       raw = (1..5).map { |i| "GET /p#{i} HTTP/1.1\r\nHost: x\r\n\r\n" }.join +

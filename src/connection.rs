@@ -6,8 +6,12 @@
 //! - an idle keep-alive connection is closed quietly after `idle_timeout`;
 //! - a client that stops reading is dropped after `write_timeout` without
 //!   progress, which also frees a Ruby thread streaming to it;
-//! - on stop, hyper's graceful shutdown: idle connections close at once,
-//!   in-flight requests finish and their connection closes after them.
+//! - on stop, HTTP/2 gets hyper's graceful shutdown (GOAWAY) at once. An
+//!   HTTP/1.1 connection gets `DRAIN_GRACE` first: a request that arrives in
+//!   it is answered with `connection: close` (see server.rs), so a busy
+//!   keep-alive client learns of the stop from a response instead of from a
+//!   close racing its next request; then hyper's graceful shutdown closes it
+//!   once idle, after the request in flight if there is one.
 //!
 //! A keep-alive connection idle for `PARK_AFTER` is "parked": hyper's state
 //! and buffers (8 KiB of read buffer and more) are dropped and only the socket
@@ -31,6 +35,10 @@ use tokio::time::Instant;
 /// How long a keep-alive connection stays idle before hyper's state is
 /// dropped (the socket stays open; see the module docs).
 pub const PARK_AFTER: Duration = Duration::from_millis(100);
+
+/// How long an idle HTTP/1.1 keep-alive connection stays open after a stop
+/// begins, for a request already on its way (see the module docs).
+pub const DRAIN_GRACE: Duration = Duration::from_millis(500);
 
 /// The timeouts a connection task enforces.
 #[derive(Debug, Clone, Copy)]
@@ -378,7 +386,10 @@ where
             _ => None,
         },
         _ = tokio::time::sleep_until(idle_deadline) => None,
-        _ = stop.stopped() => None,
+        _ = async {
+            stop.stopped().await;
+            tokio::time::sleep(DRAIN_GRACE).await;
+        } => None,
     }
 }
 
@@ -394,14 +405,24 @@ async fn drive<S, C: Session<S>>(
     let stopped = stop.stopped();
     tokio::pin!(stopped);
     let mut draining = false;
+    // HTTP/1.1 after a stop: when the grace ends and hyper is told to close.
+    let mut grace_ends: Option<Instant> = None;
     loop {
         // With no deadline (a request in flight), look again after
         // PARK_AFTER: the response may have finished by then.
         let multiplexed = session.multiplexed();
         let may_park = !draining && !multiplexed;
-        let sleep_until = activity
+        let mut sleep_until = activity
             .next_deadline(timeouts, may_park, multiplexed)
             .map_or_else(|| Instant::now() + PARK_AFTER, |(at, _)| at);
+        if let Some(at) = grace_ends {
+            if at <= Instant::now() {
+                grace_ends = None;
+                session.graceful_shutdown();
+                continue;
+            }
+            sleep_until = sleep_until.min(at);
+        }
         activity
             .armed
             .store(activity.stamp(sleep_until), Ordering::Release);
@@ -430,7 +451,11 @@ async fn drive<S, C: Session<S>>(
             _ = activity.changed.notified() => continue,
             _ = &mut stopped, if !draining => {
                 draining = true;
-                session.graceful_shutdown();
+                if multiplexed {
+                    session.graceful_shutdown();
+                } else {
+                    grace_ends = Some(Instant::now() + DRAIN_GRACE);
+                }
             }
         }
     }

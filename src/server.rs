@@ -4,6 +4,7 @@
 
 use std::convert::Infallible;
 use std::io;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,6 +37,9 @@ use crate::stop::StopSignal;
 use http_body::Body as _;
 use tokio_rustls::TlsAcceptor;
 
+/// nginx's `keepalive_requests` default.
+pub const DEFAULT_MAX_KEEPALIVE_REQUESTS: u32 = 1000;
+
 #[derive(Debug, Clone)]
 pub struct ServerOptions {
     /// Time allowed for a request head to arrive (and for a new connection's
@@ -56,6 +60,10 @@ pub struct ServerOptions {
     pub body_memory_limit: usize,
     /// Tokio worker threads for socket I/O.
     pub io_threads: usize,
+    /// An HTTP/1.1 connection is closed (`connection: close`) after this many
+    /// requests, so keep-alive clients reconnect now and then and the kernel
+    /// spreads them afresh across SO_REUSEPORT workers. None: no limit.
+    pub max_keepalive_requests: Option<u32>,
 }
 
 impl Default for ServerOptions {
@@ -70,6 +78,7 @@ impl Default for ServerOptions {
             graceful_timeout: Duration::from_secs(30),
             body_memory_limit: crate::body::DEFAULT_MEMORY_LIMIT,
             io_threads: 1,
+            max_keepalive_requests: Some(DEFAULT_MAX_KEEPALIVE_REQUESTS),
         }
     }
 }
@@ -348,9 +357,15 @@ async fn serve_connection<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Activity::new();
+    let served = Arc::new(AtomicU32::new(0));
     let service = {
         let (info, shared, activity) = (info.clone(), shared.clone(), activity.clone());
-        service_fn(move |request| {
+        service_fn(move |request: Request<Incoming>| {
+            let request_is_http1 = request.version() < http::Version::HTTP_2;
+            let last = request_is_http1
+                && shared.options.max_keepalive_requests.is_some_and(|max| {
+                    served.fetch_add(1, Ordering::Relaxed).saturating_add(1) >= max
+                });
             let head_started = activity.request_started();
             let deadline = head_started + shared.options.max_request_read;
             let response = handle_request(
@@ -361,8 +376,16 @@ async fn serve_connection<S>(
                 shared.clone(),
             );
             let activity = activity.clone();
+            let shared = shared.clone();
             async move {
-                let response = response.await?;
+                let mut response = response.await?;
+                // A stop has begun: tell a keep-alive client before closing.
+                if last || (request_is_http1 && shared.stop.is_stopped()) {
+                    response.headers_mut().insert(
+                        http::header::CONNECTION,
+                        http::HeaderValue::from_static("close"),
+                    );
+                }
                 Ok::<_, Infallible>(response.map(|body| TrackedBody { body, activity }))
             }
         })

@@ -32,6 +32,8 @@ module Hyperion
       ["--max-uri-bytes BYTES", :max_uri_bytes, Integer, "Longest request target, else 414 (default 12288)"],
       ["--max-header-bytes BYTES", :max_header_bytes, Integer, "Largest header section, else 431 (default 114688)"],
       ["--max-headers COUNT", :max_headers, Integer, "Most header lines, else 431 (default 100)"],
+      ["--max-keepalive-requests COUNT", :max_keepalive_requests, Integer,
+       "Close an HTTP/1.1 connection after this many requests, 0 for no limit (default 1000)"],
       ["--max-pending COUNT", :max_pending, Integer,
        "Requests allowed to wait for a thread before new ones get 503 (default: no limit)"]
     ].freeze

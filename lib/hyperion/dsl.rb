@@ -6,7 +6,7 @@ module Hyperion
   # the file, the line and what to fix.
   class DSL
     LIMITS = %i[max_body_bytes max_uri_bytes max_header_bytes max_headers idle_timeout write_timeout
-                max_request_read_seconds max_pending].freeze
+                max_request_read_seconds max_pending max_keepalive_requests].freeze
 
     def self.load(path, config)
       new(config, path).instance_eval(File.read(path), path, 1)

@@ -303,7 +303,7 @@ pub(crate) fn h2_settings(ruby: &Ruby, value: Option<Value>) -> Result<Option<H2
 
 /// Worker keywords beyond the seed API: the limits and timeouts of
 /// docs/configuration.md.
-pub(crate) const LIMIT_KEYWORDS: [&str; 7] = [
+pub(crate) const LIMIT_KEYWORDS: [&str; 8] = [
     "max_body_bytes",
     "max_uri_bytes",
     "max_header_bytes",
@@ -311,6 +311,7 @@ pub(crate) const LIMIT_KEYWORDS: [&str; 7] = [
     "idle_timeout",
     "write_timeout",
     "graceful_timeout",
+    "max_keepalive_requests",
 ];
 
 /// Applies the limit keywords left over after the seed ones; any other key is
@@ -341,6 +342,14 @@ pub(crate) fn apply_limit_keywords(
             "idle_timeout" => options.idle_timeout = seconds(ruby, &key, value)?,
             "write_timeout" => options.write_timeout = seconds(ruby, &key, value)?,
             "graceful_timeout" => options.graceful_timeout = seconds(ruby, &key, value)?,
+            // 0 means no limit.
+            "max_keepalive_requests" => {
+                options.max_keepalive_requests =
+                    match integer(ruby, &key, value, 0, u32::MAX as i64)? {
+                        0 => None,
+                        max => Some(max as u32),
+                    }
+            }
             _ => {
                 return Err(arg_error(
                     ruby,
