@@ -11,15 +11,6 @@ RSpec.describe "cluster mode", timeout: 120 do
     end
   end
 
-  def children(pid)
-    Dir["/proc/[0-9]*/stat"].filter_map do |stat|
-      fields = File.read(stat).split(") ").last.split
-      Integer(stat[%r{/proc/(\d+)/}, 1]) if Integer(fields[1]) == pid
-    rescue Errno::ENOENT, Errno::ESRCH
-      nil
-    end
-  end
-
   def pids_answering(port, want:, tries: 400)
     seen = []
     tries.times do
@@ -27,15 +18,6 @@ RSpec.describe "cluster mode", timeout: 120 do
       break if seen.size >= want
     end
     seen
-  end
-
-  def wait_until(seconds = 10)
-    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + seconds
-    until yield
-      raise "condition not met within #{seconds} s" if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
-
-      sleep 0.05
-    end
   end
 
   %w[reuseport share].each do |model|
@@ -137,6 +119,15 @@ RSpec.describe "cluster mode", timeout: 120 do
       threads.each { |t| t.value.each { |pid, n| tally[pid] += n } }
       expect(tally.size).to eq(2)
       expect(tally.values.max.fdiv(tally.values.min)).to be <= 1.2
+    end
+  end
+
+  it "runs no I/O runtime in the master: the workers have it, forked from a runtime-free process" do
+    with_cli("-w", "2", chdir: dir) do |_port, master, log|
+      wait_until { File.read(log).include?("all 2 workers serving") }
+      threads = ->(pid) { Dir["/proc/#{pid}/task/*/comm"].map { |f| File.read(f).strip } }
+      expect(threads.(master).grep(/hyperion-io/)).to be_empty
+      expect(threads.(children(master).first).grep(/hyperion-io/)).not_to be_empty
     end
   end
 end

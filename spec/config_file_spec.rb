@@ -112,7 +112,12 @@ RSpec.describe "the config file" do
     "a syntax error" => ["port 0\nthreads(\n", %r{\Ahyperion: config/hyperion\.rb:\d+: SyntaxError}],
     "a bad worker count" => ["workers 0\n", %r{\Ahyperion: config/hyperion\.rb:1: workers expects an Integer in 1\.\.1024, got 0}],
     "a bad worker model" => ["worker_model :forks\n", %r{\Ahyperion: config/hyperion\.rb:1: worker_model expects :reuseport or :share}],
-    "an unknown tls setting" => ["tls cert: 'a', ciphers: 'b'\n", %r{\Ahyperion: config/hyperion\.rb:1: tls: unknown setting ciphers}]
+    "an unknown tls setting" => ["tls cert: 'a', ciphers: 'b'\n", %r{\Ahyperion: config/hyperion\.rb:1: tls: unknown setting ciphers}],
+    "a bad worker_timeout" => ["port 0\nworker_timeout -1\n", %r{\Ahyperion: config/hyperion\.rb:2: worker_timeout expects a positive number of seconds, got -1}],
+    "a bad worker_max_rss_mb" => ["worker_max_rss_mb 0\n", %r{\Ahyperion: config/hyperion\.rb:1: worker_max_rss_mb expects an Integer in 1\.\., got 0}],
+    "a bad stdout_redirect" => ["stdout_redirect 5\n", %r{\Ahyperion: config/hyperion\.rb:1: stdout_redirect expects a String, got 5}],
+    "a bad preload_app!" => ["preload_app! :yes\n", %r{\Ahyperion: config/hyperion\.rb:1: preload_app! expects true or false, got :yes}],
+    "a bad unix umask" => ["bind 'unix:///tmp/x.sock?umask=999'\n", %r{\Ahyperion: config/hyperion\.rb:1: bind unix:///tmp/x\.sock\?umask=999: umask must be octal}]
   }.each do |problem, (text, message)|
     it "stops boot with the file, line and a hint for #{problem}" do
       write_config(text)

@@ -15,21 +15,12 @@ RSpec.describe "restarts under load", timeout: 150 do
     end
   end
 
-  def wait_until(seconds = 20)
-    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + seconds
-    until yield
-      raise "condition not met within #{seconds} s" if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
-
-      sleep 0.05
-    end
-  end
-
-  def children(pid)
-    Dir["/proc/[0-9]*/stat"].filter_map do |stat|
-      fields = File.read(stat).split(") ").last.split
-      Integer(stat[%r{/proc/(\d+)/}, 1]) if Integer(fields[1]) == pid && fields[0] != "Z"
-    rescue Errno::ENOENT, Errno::ESRCH
-      nil
+  # Writes a new app version, sends USR1 and waits for both old workers to leave.
+  def phased_restart_under_load(port, master, log)
+    under_load(port) do
+      File.write(File.join(dir, "version"), "v2")
+      Process.kill("USR1", master)
+      wait_until { File.read(log).scan(/worker \d \(pid \d+\) left/).size == 2 }
     end
   end
 
@@ -58,11 +49,7 @@ RSpec.describe "restarts under load", timeout: 150 do
     with_cli("-w", "2", "--no-preload", chdir: dir) do |port, master, log|
       wait_until { File.read(log).include?("all 2 workers serving") }
       old_workers = children(master)
-      result = under_load(port) do
-        File.write(File.join(dir, "version"), "v2")
-        Process.kill("USR1", master)
-        wait_until { File.read(log).scan(/worker \d \(pid \d+\) left/).size == 2 }
-      end
+      result = phased_restart_under_load(port, master, log)
       expect(result["codes"]).to eq("200" => result["codes"]["200"])
       expect(versions(result)).to eq(%w[v1 v2])
       expect(children(master)).not_to include(*old_workers)
@@ -74,11 +61,7 @@ RSpec.describe "restarts under load", timeout: 150 do
     with_cli("-w", "2", chdir: dir) do |port, master, log|
       wait_until { File.read(log).include?("all 2 workers serving") }
       old_workers = children(master)
-      result = under_load(port) do
-        File.write(File.join(dir, "version"), "v2")
-        Process.kill("USR1", master)
-        wait_until { File.read(log).scan(/worker \d \(pid \d+\) left/).size == 2 }
-      end
+      result = phased_restart_under_load(port, master, log)
       expect(result["codes"]).to eq("200" => result["codes"]["200"])
       expect(versions(result)).to eq(%w[v1])
       expect((pids(result) & old_workers).size).to eq(2)

@@ -17,6 +17,7 @@ Dir[File.join(__dir__, "support/*.rb")].sort.each { |f| require f }
 RSpec.configure do |config|
   config.include ServerHelpers
   config.include LoadHelpers
+  config.include ProcessHelpers
   config.disable_monkey_patching!
   config.order = :random
   # `rake gc_stress` runs the examples tagged :gc_stress with GC.stress on
