@@ -15,6 +15,17 @@ RSpec.describe "bin/hyperion" do
     end
   end
 
+  it "--check loads the config and the app without serving: 0 when they load, 1 and one line when not" do
+    dir = Dir.mktmpdir("hyperion-check")
+    File.write(File.join(dir, "config.ru"), "run ->(_) { [200, {}, ['ok']] }\n")
+    out, err, status = hyperion("--check", "-p", "0", chdir: dir)
+    expect([out, err, status.exitstatus]).to eq(["", "", 0])
+    File.write(File.join(dir, "config.ru"), "run Nope\n")
+    _, err, status = hyperion("--check", chdir: dir)
+    expect(status.exitstatus).to eq(1)
+    expect(err).to match(/\Ahyperion: could not load config\.ru: NameError: uninitialized constant Nope\n\z/)
+  end
+
   it "loads ./config.ru by default" do
     dir = Dir.mktmpdir("hyperion-app")
     File.write(File.join(dir, "config.ru"), "run ->(_) { [200, {}, ['default rackup']] }\n")

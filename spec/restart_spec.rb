@@ -45,6 +45,29 @@ RSpec.describe "restarts under load", timeout: 150 do
     end
   end
 
+  it "refuses a USR2 whose new code does not load, and keeps serving" do
+    with_cli("-w", "2", chdir: dir) do |port, master, log|
+      wait_until { File.read(log).include?("all 2 workers serving") }
+      workers = children(master)
+      File.write(File.join(dir, "config.ru"), "run ->(env) { [200, {}, ['broken'] }\n") # a syntax error
+      Process.kill("USR2", master)
+      wait_until { File.read(log).include?("hot restart cancelled") }
+      expect(File.read(log)).to include("hyperion: could not load config.ru: SyntaxError")
+      expect(children(master).sort).to eq(workers.sort)
+      expect(http_get(port).body).to start_with("v1 ")
+    end
+  end
+
+  it "refuses a USR2 in single-process mode too, without draining" do
+    with_cli(chdir: dir) do |port, pid, log|
+      File.write(File.join(dir, "config.ru"), "raise 'missing gem'\n")
+      Process.kill("USR2", pid)
+      wait_until { File.read(log).include?("hot restart cancelled") }
+      expect(File.read(log)).to include("RuntimeError: missing gem")
+      expect(http_get(port).body).to eq("v1 #{pid}")
+    end
+  end
+
   it "USR1 replaces the workers one at a time without a failed request; --no-preload loads the new code" do
     with_cli("-w", "2", "--no-preload", chdir: dir) do |port, master, log|
       wait_until { File.read(log).include?("all 2 workers serving") }

@@ -11,6 +11,7 @@ require "hyperion/cluster"
 require "hyperion/single"
 require "hyperion/listeners"
 require "hyperion/log_files"
+require "hyperion/restarter"
 
 module Hyperion
   # `hyperion [options] [config.ru]`: parses options, reads config/hyperion.rb
@@ -42,9 +43,7 @@ module Hyperion
       @argv = argv.dup
       @out = out
       @err = err
-      # What a hot restart (USR2) executes again.
-      @restart_command = [RbConfig.ruby, File.expand_path($PROGRAM_NAME), *argv]
-      @startup_dir = Dir.pwd
+      @restarter = Restarter.new(argv, log: method(:log))
     end
 
     # Returns the process exit status.
@@ -56,15 +55,17 @@ module Hyperion
       LogFiles.open(config.stdout_redirect)
       binds = resolve_binds(config, flags)
       reuseport = config.workers > 1 && worker_model(config, binds) == :reuseport
-      app = load_rackup(flags[:rackup]) if config.workers == 1 || config.preload_app
+      app = load_rackup(flags[:rackup]) if config.workers == 1 || config.preload_app || flags[:check]
       check_rackup(flags[:rackup])
+      return 0 if flags[:check]
+
       listeners = Listeners.setup(binds, reuseport: reuseport)
       write_pidfile(config.pidfile)
       watchdog = Systemd.start_watchdog
       runner_class = config.workers > 1 ? Cluster : Single
       announce(config, listeners, cluster: runner_class == Cluster)
       build = ->(index, sockets) { build_worker(config, listeners, sockets, app || load_rackup(flags[:rackup]), index) }
-      runner_class.new(config: config, listeners: listeners, build_worker: build, restart: method(:restart),
+      runner_class.new(config: config, listeners: listeners, build_worker: build, restarter: @restarter,
                        log: method(:log)).run
     rescue OptionParser::ParseError => e
       fail_with "#{e.message} (see hyperion --help)"
@@ -125,15 +126,6 @@ module Hyperion
       return model if %i[reuseport share].include?(model)
 
       raise ConfigError, "HYPERION_WORKER_MODEL must be reuseport or share, got #{model}"
-    end
-
-    # USR2: the same command line again, from the same directory, with the
-    # sockets passed as open file descriptors.
-    def restart(env, redirects)
-      @out.flush
-      @err.flush
-      Dir.chdir(@startup_dir)
-      exec(env, *@restart_command, redirects.merge(close_others: false))
     end
 
     def log(message)
@@ -243,6 +235,7 @@ module Hyperion
           o.on(flag, type, help) { |v| flags[:limits][keyword] = v }
         end
         o.separator ""
+        o.on("--check", "Load the config file and the app, then exit (USR2 runs this first)") { flags[:check] = true }
         o.on("-v", "--version", "Print the version and exit") do
           @out.puts "hyperion #{VERSION}"
           flags[:exit] = true

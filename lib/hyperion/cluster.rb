@@ -28,13 +28,13 @@ module Hyperion
       def retiring? = !retired_at.nil?
     end
 
-    # build_worker: ->(index, sockets, monitor) { Hyperion::Worker }, called in
-    # the child. restart: ->(env, redirects) { exec }, for USR2.
-    def initialize(config:, listeners:, build_worker:, restart:, log:, env: ENV)
+    # build_worker: ->(index, sockets) { Hyperion::Worker }, called in the
+    # child. restarter: a Restarter, for USR2.
+    def initialize(config:, listeners:, build_worker:, restarter:, log:, env: ENV)
       @config = config
       @listeners = listeners
       @build_worker = build_worker
-      @restart = restart
+      @restarter = restarter
       @log = log
       @children = []
       @quick_deaths = 0
@@ -286,12 +286,14 @@ module Hyperion
     # its workers and retires these once they all serve. On failure the
     # current image keeps serving.
     def hot_restart
+      return unless @restarter.check
+
       run_hooks(:on_restart)
       Systemd.notify("RELOADING=1\nMONOTONIC_USEC=#{Process.clock_gettime(Process::CLOCK_MONOTONIC, :microsecond)}")
       @log.call("hot restart: re-executing with the listening sockets")
       env, redirects = @listeners.inheritance
       env[OLD_WORKERS_ENV] = @children.map(&:pid).join(",")
-      @restart.call(env, redirects)
+      @restarter.exec(env, redirects)
     rescue SystemCallError => e
       @log.call("hot restart failed (#{e.message}); the current workers keep serving")
       Systemd.notify("READY=1")

@@ -10,11 +10,11 @@ module Hyperion
   # so connections wait in the kernel backlog instead of being refused. HUP
   # reopens the log files; USR1, TTIN and TTOU need a cluster and are logged.
   class Single
-    def initialize(config:, listeners:, build_worker:, restart:, log:)
+    def initialize(config:, listeners:, build_worker:, restarter:, log:)
       @config = config
       @listeners = listeners
       @build_worker = build_worker
-      @restart = restart
+      @restarter = restarter
       @log = log
       @restarting = false
     end
@@ -40,6 +40,8 @@ module Hyperion
       when "HUP" then LogFiles.reopen(@config.stdout_redirect)
       when "STOP" then Systemd.notify("STOPPING=1") unless @restarting
       when "USR2"
+        return if @restarting || !@restarter.check
+
         @restarting = true
         @config.on_restart.each { |hook| run_hook(:on_restart, hook) }
         Systemd.notify("RELOADING=1\nMONOTONIC_USEC=#{Process.clock_gettime(Process::CLOCK_MONOTONIC, :microsecond)}")
@@ -60,7 +62,7 @@ module Hyperion
 
     def hot_restart
       env, redirects = @listeners.inheritance
-      @restart.call(env, redirects)
+      @restarter.exec(env, redirects)
     rescue SystemCallError => e
       @log.call("hot restart failed: #{e.message}")
       raise Hyperion::Error, "hot restart failed: #{e.message}"

@@ -1,0 +1,32 @@
+# frozen_string_literal: true
+
+require "rbconfig"
+
+module Hyperion
+  # USR2's two steps. `check` loads the config file and the app in a fresh
+  # process (`hyperion --check` with the same arguments), so a deploy with a
+  # syntax error is refused while the current image keeps serving; `exec`
+  # then replaces this process (same pid) with the same command line, the
+  # listening sockets passed as open file descriptors.
+  class Restarter
+    def initialize(argv, log:, program: $PROGRAM_NAME, dir: Dir.pwd)
+      @command = [RbConfig.ruby, File.expand_path(program, dir), *argv]
+      @dir = dir
+      @log = log
+    end
+
+    def check
+      return true if system(*@command, "--check", chdir: @dir, out: :err)
+
+      @log.call("hot restart cancelled: the config or the app does not load (see above); still serving")
+      false
+    end
+
+    def exec(env, redirects)
+      $stdout.flush
+      $stderr.flush
+      Dir.chdir(@dir)
+      Kernel.exec(env, *@command, redirects.merge(close_others: false))
+    end
+  end
+end
