@@ -44,6 +44,7 @@ RSpec.describe "bin/hyperion" do
 
   {
     "a missing rackup" => [["nope.ru"], /\Ahyperion: no rackup file at nope\.ru/],
+    "a zero --worker-timeout" => [["--worker-timeout", "0"], /\Ahyperion: --worker-timeout must be a positive number of seconds, got 0\.0\n\z/],
     "an unknown flag" => [["--frobnicate"], /\Ahyperion: invalid option: --frobnicate/],
     "a bad port" => [["-p", "70000", "examples/hello.ru"], /\Ahyperion: --port must be between 0 and 65535/],
     "a non-numeric port" => [["-p", "http", "examples/hello.ru"], /\Ahyperion: invalid argument: -p http/],

@@ -198,6 +198,8 @@ module Hyperion
           flags[:settings][:preload_app] = v
         end
         o.on("--worker-timeout SECONDS", Float, "Kill a worker silent for this long (default 60)") do |v|
+          raise ConfigError, "--worker-timeout must be a positive number of seconds, got #{v}" unless v.positive?
+
           flags[:settings][:worker_timeout] = v
         end
         o.on("--redirect-stdout PATH", "Append stdout to this file; HUP reopens it") do |v|
