@@ -45,6 +45,19 @@ RSpec.describe "restarts under load", timeout: 150 do
     end
   end
 
+  it "survives signals that arrive while the new image boots" do
+    with_cli("-w", "2", chdir: dir) do |port, master, log|
+      wait_until { File.read(log).include?("all 2 workers serving") }
+      Process.kill("USR2", master)
+      sleep 0.1 # the new image is loading Ruby and the gems now
+      %w[USR1 HUP TTIN TTOU USR2].each { |name| Process.kill(name, master) }
+      wait_until { File.read(log).scan(/old worker \(pid \d+\) left/).size >= 2 }
+      expect(Process.kill(0, master)).to eq(1)
+      expect(http_get(port).code).to eq("200")
+      expect(File.read(log)).not_to include("SignalException")
+    end
+  end
+
   it "refuses a USR2 whose new code does not load, and keeps serving" do
     with_cli("-w", "2", chdir: dir) do |port, master, log|
       wait_until { File.read(log).include?("all 2 workers serving") }

@@ -48,6 +48,7 @@ module Hyperion
 
     # Returns the process exit status.
     def run
+      Restarter.ignore_boot_signals
       flags = parse
       return 0 if flags[:exit]
 

@@ -9,6 +9,15 @@ module Hyperion
   # then replaces this process (same pid) with the same command line, the
   # listening sockets passed as open file descriptors.
   class Restarter
+    # Signals whose default action would kill a master that has not yet
+    # installed its handlers: while booting (also the image a hot restart
+    # starts, since ignored signals stay ignored across exec) they are ignored.
+    BOOT_IGNORED_SIGNALS = %w[USR1 USR2 HUP TTIN TTOU].freeze
+
+    def self.ignore_boot_signals
+      BOOT_IGNORED_SIGNALS.each { |name| Signal.trap(name, "IGNORE") }
+    end
+
     def initialize(argv, log:, program: $PROGRAM_NAME, dir: Dir.pwd)
       @command = [RbConfig.ruby, File.expand_path(program, dir), *argv]
       @dir = dir
@@ -26,6 +35,7 @@ module Hyperion
       $stdout.flush
       $stderr.flush
       Dir.chdir(@dir)
+      self.class.ignore_boot_signals
       Kernel.exec(env, *@command, redirects.merge(close_others: false))
     end
   end
