@@ -4,10 +4,10 @@
 Starts `bin/hyperion -w 2` on the hello app, runs C asyncio keep-alive
 connections for S seconds (each sends its next request as soon as a response
 ends, honours `connection: close` by reconnecting), sends each SIGNAL at 2 s,
-4 s, ... and prints how many responses came back, by status, and every
+4 s, ... (`--every`) and prints how many responses came back, by status, and every
 request that got no response (with its time and exception).
 
-Usage: bench/keepalive_restart.py [--connections 64] [--seconds 8] USR2 USR1 ...
+Usage: bench/keepalive_restart.py [--connections 64] [--seconds 8] [--every 2] USR2 USR1 ...
 """
 import argparse
 import asyncio
@@ -57,6 +57,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=8)
+    parser.add_argument("--every", type=float, default=2, help="seconds between signals")
     parser.add_argument("signals", nargs="*", default=["USR2", "USR1"])
     args = parser.parse_args()
     log = tempfile.NamedTemporaryFile("w+", suffix=".log")
@@ -75,7 +76,7 @@ def main():
         START = time.monotonic()
         loop = asyncio.new_event_loop()
         for i, name in enumerate(args.signals):
-            loop.call_later(2 * (i + 1), server.send_signal, getattr(signal, "SIG" + name))
+            loop.call_later(args.every * (i + 1), server.send_signal, getattr(signal, "SIG" + name))
         loop.run_until_complete(load(port, args.seconds, args.connections, counts, failures))
         responses = sum(v for k, v in counts.items() if k != "connections")
         print(f"signals {' '.join(args.signals)}: {responses} responses {dict(counts)}, "
