@@ -130,4 +130,30 @@ RSpec.describe "cluster mode", timeout: 120 do
       expect(threads.(children(master).first).grep(/hyperion-io/)).not_to be_empty
     end
   end
+
+  # Inodes of the sockets listening on 127.0.0.1:port, from /proc/net/tcp.
+  def listening_inodes(port)
+    File.readlines("/proc/net/tcp").drop(1).filter_map do |line|
+      fields = line.split
+      local, state, inode = fields[1], fields[3], fields[9]
+      inode if state == "0A" && local.end_with?(format(":%04X", port))
+    end
+  end
+
+  def socket_inodes(pid)
+    Dir["/proc/#{pid}/fd/*"].filter_map { |fd| File.readlink(fd)[/\Asocket:\[(\d+)\]/, 1] rescue nil }
+  end
+
+  it "keeps every slot's SO_REUSEPORT socket in the master, also across a phased restart" do
+    with_cli("-w", "2", chdir: dir) do |port, master, log|
+      wait_until { File.read(log).include?("all 2 workers serving") }
+      slots = listening_inodes(port)
+      expect(slots.size).to eq(2) # one socket per worker slot
+      expect(socket_inodes(master)).to include(*slots)
+      Process.kill("USR1", master)
+      wait_until { File.read(log).scan(/worker \d \(pid \d+\) left/).size == 2 }
+      expect(listening_inodes(port).sort).to eq(slots.sort) # the same sockets, no new ones
+      children(master).each { |worker| expect(socket_inodes(worker) & slots).not_to be_empty }
+    end
+  end
 end

@@ -82,6 +82,9 @@ module Hyperion
     end
 
     def spawn_worker(index)
+      # Made here, before the fork, so the master holds the slot's sockets:
+      # one opened in the child would die with it, queue and all.
+      sockets = @listeners.slot(index)
       reader, writer = IO.pipe
       master = Process.pid
       pid = Process.fork do
@@ -89,7 +92,7 @@ module Hyperion
         @children.each { |child| child.reader&.close }
         reader.close
         @listeners.keep_only(index)
-        run_child(index, writer, master)
+        run_child(index, sockets, writer, master)
       end
       writer.close
       now = monotonic
@@ -97,12 +100,12 @@ module Hyperion
       @log.call("worker #{index} started (pid #{pid})")
     end
 
-    def run_child(index, heartbeat, master)
+    def run_child(index, sockets, heartbeat, master)
       monitor = WorkerMonitor.new(signals: %w[HUP TTIN TTOU USR1 USR2], interval: heartbeat_interval,
                                   heartbeat: heartbeat, master_pid: master,
                                   on_signal: ->(name, _) { LogFiles.reopen(@config.stdout_redirect) if name == "HUP" })
       @config.on_worker_boot << ->(_) { monitor.booted! }
-      worker = @build_worker.call(index, @listeners.slot(index))
+      worker = @build_worker.call(index, sockets)
       monitor.start(worker)
       worker.run
       exit!(0)
