@@ -156,4 +156,19 @@ RSpec.describe "cluster mode", timeout: 120 do
       children(master).each { |worker| expect(socket_inodes(worker) & slots).not_to be_empty }
     end
   end
+
+  it "closes the socket of a slot nobody serves any more (TTIN, then USR2 back to the configured count)" do
+    with_cli("-w", "2", chdir: dir) do |port, master, log|
+      wait_until { File.read(log).include?("all 2 workers serving") }
+      Process.kill("TTIN", master)
+      wait_until { listening_inodes(port).size == 3 }
+      Process.kill("USR2", master)
+      wait_until { File.read(log).scan(/old worker \(pid \d+\) left/).size == 3 }
+      wait_until { listening_inodes(port).size == 2 }
+      expect(children(master).size).to eq(2)
+      held = children(master).flat_map { |worker| socket_inodes(worker) }
+      expect(listening_inodes(port)).to all(satisfy { |inode| held.include?(inode) })
+      expect(Array.new(20) { http_get(port).code }.uniq).to eq(["200"])
+    end
+  end
 end

@@ -182,8 +182,14 @@ module Hyperion
 
       @log.call("#{child.index ? "worker #{child.index}" : 'old worker'} (pid #{child.pid}) left")
       @replacing.delete(child.index) if @replacing[child.index]&.pid == child.pid
-      @listeners.close_slot(child.index) if child.index && !live_worker?(child.index)
+      close_unserved_slots
       true
+    end
+
+    # A slot socket nobody accepts from would hold connections forever: after
+    # TTOU, or after a hot restart to fewer workers than the image before had.
+    def close_unserved_slots
+      @listeners.slot_indices.each { |index| @listeners.close_slot(index) unless live_worker?(index) }
     end
 
     def live_worker?(index)

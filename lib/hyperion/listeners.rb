@@ -126,6 +126,9 @@ module Hyperion
       end
     end
 
+    # Slots that have sockets of their own.
+    def slot_indices = @clones.keys
+
     # Closes a retired slot's clones (their queued connections are lost; see
     # docs/signals.md on TTOU).
     def close_slot(index)
