@@ -1,7 +1,6 @@
 # frozen_string_literal: true
 
 require "optparse"
-require "rbconfig"
 require "socket"
 require "hyperion"
 require "hyperion/bind"
@@ -55,9 +54,9 @@ module Hyperion
       config = configure(flags)
       LogFiles.open(config.stdout_redirect)
       binds = resolve_binds(config, flags)
-      reuseport = config.workers > 1 && worker_model(config, binds) == :reuseport
+      reuseport = config.workers > 1 && worker_model(config) == :reuseport
       app = load_rackup(flags[:rackup]) if config.workers == 1 || config.preload_app || flags[:check]
-      check_rackup(flags[:rackup])
+      check_rackup(flags[:rackup]) unless app # workers load it after the fork
       return 0 if flags[:check]
 
       listeners = Listeners.setup(binds, reuseport: reuseport)
@@ -122,7 +121,7 @@ module Hyperion
       tls
     end
 
-    def worker_model(config, binds)
+    def worker_model(config)
       model = (ENV["HYPERION_WORKER_MODEL"] || config.worker_model || :reuseport).to_sym
       return model if %i[reuseport share].include?(model)
 

@@ -297,8 +297,7 @@ module Hyperion
     def hot_restart
       return unless @restarter.check
 
-      run_hooks(:on_restart)
-      Systemd.notify("RELOADING=1\nMONOTONIC_USEC=#{Process.clock_gettime(Process::CLOCK_MONOTONIC, :microsecond)}")
+      @restarter.announce(@config)
       @log.call("hot restart: re-executing with the listening sockets")
       env, redirects = @listeners.inheritance
       env[OLD_WORKERS_ENV] = @children.map(&:pid).join(",")
@@ -353,13 +352,7 @@ module Hyperion
       nil
     end
 
-    def run_hooks(name)
-      @config.public_send(name).each do |hook|
-        hook.call
-      rescue StandardError => e
-        @log.call("#{name} hook raised #{e.class}: #{e.message} (#{e.backtrace&.first})")
-      end
-    end
+    def run_hooks(name) = @config.run_hooks(name, @log)
 
     def monotonic = Process.clock_gettime(Process::CLOCK_MONOTONIC)
   end

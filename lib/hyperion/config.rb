@@ -33,6 +33,16 @@ module Hyperion
     attr_accessor(*DEFAULTS.keys)
     attr_reader(*HOOKS)
 
+    # Runs a master hook list (before_fork, on_restart, on_booted): an
+    # exception is logged with the hook's name and the remaining hooks run.
+    def run_hooks(name, log)
+      public_send(name).each do |hook|
+        hook.call
+      rescue StandardError => e
+        log.call("#{name} hook raised #{e.class}: #{e.message} (#{e.backtrace&.first})")
+      end
+    end
+
     def initialize(**settings)
       DEFAULTS.merge(settings).each do |name, value|
         raise ArgumentError, "unknown setting: #{name}" unless DEFAULTS.key?(name)

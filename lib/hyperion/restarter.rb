@@ -1,6 +1,7 @@
 # frozen_string_literal: true
 
 require "rbconfig"
+require "hyperion/systemd"
 
 module Hyperion
   # USR2's two steps. `check` loads the config file and the app in a fresh
@@ -29,6 +30,13 @@ module Hyperion
 
       @log.call("hot restart cancelled: the config or the app does not load (see above); still serving")
       false
+    end
+
+    # What the server says once the restart is going ahead: the on_restart
+    # hooks run and systemd hears RELOADING=1.
+    def announce(config)
+      config.run_hooks(:on_restart, @log)
+      Systemd.notify("RELOADING=1\nMONOTONIC_USEC=#{Process.clock_gettime(Process::CLOCK_MONOTONIC, :microsecond)}")
     end
 
     def exec(env, redirects)

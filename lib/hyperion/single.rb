@@ -43,8 +43,7 @@ module Hyperion
         return if @restarting || !@restarter.check
 
         @restarting = true
-        @config.on_restart.each { |hook| run_hook(:on_restart, hook) }
-        Systemd.notify("RELOADING=1\nMONOTONIC_USEC=#{Process.clock_gettime(Process::CLOCK_MONOTONIC, :microsecond)}")
+        @restarter.announce(@config)
         @log.call("hot restart: draining, then re-executing with the listening sockets")
         worker.stop
       else
@@ -66,12 +65,6 @@ module Hyperion
     rescue SystemCallError => e
       @log.call("hot restart failed: #{e.message}")
       raise Hyperion::Error, "hot restart failed: #{e.message}"
-    end
-
-    def run_hook(name, hook)
-      hook.call
-    rescue StandardError => e
-      @log.call("#{name} hook raised #{e.class}: #{e.message} (#{e.backtrace&.first})")
     end
   end
 end
