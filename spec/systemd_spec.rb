@@ -29,7 +29,7 @@ RSpec.describe "systemd integration" do
     listener = TCPServer.new("127.0.0.1", 0)
     port = listener.local_address.ip_port
     pid, log = spawn_hyperion({ "LISTEN_FDS" => "1" }, 3 => listener)
-    Timeout.timeout(20) { sleep 0.05 until File.read(log).include?("listening on") }
+    wait_until { File.read(log).include?("listening on") }
     expect(File.read(log)).to include("listening on http://127.0.0.1:#{port}")
     expect(http_get(port).body).to eq("activated #{pid}")
   ensure
@@ -93,10 +93,10 @@ RSpec.describe "systemd integration" do
     port = listener.local_address.ip_port
     pid, log = spawn_hyperion({ "LISTEN_FDS" => "1" }, "-w 2", 3 => listener)
     listener.close # the server holds its own copy now
-    Timeout.timeout(20) { sleep 0.05 until File.read(log).include?("all 2 workers serving") }
+    wait_until { File.read(log).include?("all 2 workers serving") }
     result = under_load(port) do
       Process.kill("USR2", pid)
-      Timeout.timeout(30) { sleep 0.05 until File.read(log).scan(/old worker \(pid \d+\) left/).size == 2 }
+      wait_until(30) { File.read(log).scan(/old worker \(pid \d+\) left/).size == 2 }
     end
     expect(result["codes"]).to eq("200" => result["codes"]["200"])
     expect(File.read(log).scan("listening on http://127.0.0.1:#{port}").size).to eq(2)
