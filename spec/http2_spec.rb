@@ -2,9 +2,12 @@
 
 require "spec_helper"
 
-# HTTP/2 through hyper's h2: ALPN on TLS listeners, prior knowledge (h2c) on
-# plain ones. Clients are curl, nghttp and h2load from nghttp2-client.
+# HTTP/2 (the h2 crate, driven by src/http2/): ALPN on TLS listeners, prior
+# knowledge (h2c) on plain ones. Clients are curl, nghttp and h2load from
+# nghttp2-client, and python h2 for raw frames (spec/support/h2_probe.py).
 RSpec.describe "HTTP/2" do
+  include H2Probe
+
   let(:pki) { TestPKI.new }
   let(:app) do
     lambda do |env|
@@ -80,16 +83,45 @@ RSpec.describe "HTTP/2" do
     end
   end
 
-  it "sends no body for HEAD and 204 over HTTP/2" do
-    app = ->(env) { [env["PATH_INFO"] == "/204" ? 204 : 200, { "content-type" => "text/plain" }, ["body text"]] }
-    with_worker(app) do |port|
+  it "sends no body for HEAD, 204 and 304 over HTTP/2" do
+    app = ->(env) { [env["PATH_INFO"][1..].to_i.nonzero? || 200, { "content-type" => "text/plain" }, ["body text"]] }
+    with_worker(app, max_uri_bytes: 100) do |port|
       head = run_client("curl", "-s", "-I", "--http2-prior-knowledge", "http://127.0.0.1:#{port}/")
       expect(head).to start_with("HTTP/2 200")
       expect(head).to include("content-length: 9")
       expect(head).not_to include("body text")
-      out = run_client("nghttp", "-v", "http://127.0.0.1:#{port}/204")
-      expect(out).to include(":status: 204")
+      %w[204 304].each do |status|
+        out = run_client("nghttp", "-v", "http://127.0.0.1:#{port}/#{status}")
+        expect(out).to include(":status: #{status}")
+        expect(out).not_to include("recv DATA frame")
+      end
+      # A refusal the server writes itself has a body; HEAD still gets none.
+      out = run_client("nghttp", "-v", "-H", ":method: HEAD", "http://127.0.0.1:#{port}/#{'x' * 200}")
+      expect(out).to include(":status: 414")
       expect(out).not_to include("recv DATA frame")
+    end
+  end
+
+  it "sends date and, for a body of known length, content-length" do
+    with_worker(app) do |port|
+      out = run_client("nghttp", "-v", "http://127.0.0.1:#{port}/")
+      expect(out).to match(/recv \(stream_id=13\) date: \w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT/)
+      expect(out).to include("recv (stream_id=13) content-length: #{"HTTP/2 127.0.0.1:#{port} http false".bytesize}")
+    end
+  end
+
+  it "keeps h2's rapid-reset protection: a burst of opened-and-reset streams gets GOAWAY ENHANCE_YOUR_CALM" do
+    with_worker(app) do |port|
+      expect(h2_probe(:reset_flood, port, 500)["goaway"]).to eq(11)
+      expect(run_client("curl", "-s", "--http2-prior-knowledge", "http://127.0.0.1:#{port}/")).to start_with("HTTP/2")
+    end
+  end
+
+  it "closes a connection after idle_timeout once the client cancelled the only request in flight" do
+    with_worker(app, idle_timeout: 1) do |port|
+      seen = h2_probe(:reset_then_idle, port, "/slow", 15)
+      expect(seen["closed"]).to be(true), seen.inspect
+      expect(seen["closed_after"]).to be < 10
     end
   end
 

@@ -299,9 +299,13 @@ pub unsafe fn write_request_timeout(fd: RawFd) {
     let _ = nix::unistd::write(socket, REQUEST_TIMEOUT);
 }
 
-/// One hyper connection over a `WatchedIo`, as `serve` drives it.
-pub trait Session<S>: std::future::Future<Output = hyper::Result<()>> + Unpin {
-    /// Stop after the in-flight request (hyper's graceful shutdown).
+/// How a session ended: `Err` carries the protocol or I/O error, for the log.
+pub type SessionResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// One HTTP connection over a `WatchedIo` (hyper's HTTP/1.1, or the h2
+/// driver in `http2`), as `serve` drives it.
+pub trait Session<S>: std::future::Future<Output = SessionResult> + Unpin {
+    /// Stop after the in-flight request (HTTP/1.1) or streams (HTTP/2: GOAWAY).
     fn graceful_shutdown(&mut self);
     /// Takes the socket back from an idle session, with any bytes hyper had
     /// read but not parsed. Only called when `multiplexed` is false.

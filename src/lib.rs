@@ -8,6 +8,7 @@ pub mod connection;
 pub mod error;
 pub mod h2_settings;
 pub mod host;
+pub mod http2;
 pub mod limits;
 pub mod listener;
 pub mod logging;
