@@ -208,6 +208,48 @@ RSpec.describe "HTTP/2" do
     end
   end
 
+  describe "streams stalled on flow control (write_timeout)" do
+    it "resets a stream that gets no window, GOAWAYs a connection that makes no progress, serves everyone else" do
+      with_worker(app, write_timeout: 1, thread_count: 4) do |port|
+        stalling = Thread.new { h2_probe(:stall, port, 50, 30) }
+        # Others are served while the stalls last.
+        expect(run_client("curl", "-s", "--http2-prior-knowledge", "http://127.0.0.1:#{port}/"))
+          .to eq("HTTP/2 127.0.0.1:#{port} http false")
+        seen = stalling.value
+        expect(seen["responses"]).to eq(50), seen.inspect # every head went out; only DATA waited
+        expect(seen["resets"]).to eq({ "8" => 50 }), seen.inspect # RST_STREAM CANCEL each
+        expect(seen["seconds"]).to be < 20
+        expect(seen["goaway"]).to eq(0), seen.inspect
+        expect(seen["closed_after"]).to be_a(Float), seen.inspect
+        out = run_client("h2load", "-n", "200", "-c", "2", "-m", "10", "http://127.0.0.1:#{port}/")
+        expect(out).to match(/200 succeeded, 0 failed, 0 errored/)
+      end
+    end
+
+    it "closes a stuck connection whose client does not answer the GOAWAY's PING" do
+      with_worker(app, write_timeout: 1) do |port|
+        seen = h2_probe(:stall_mute, port, 10, 30)
+        expect(seen["resets"]).to eq({ "8" => 10 }), seen.inspect
+        expect(seen["goaways"]).to eq([0, 0]), seen.inspect # the graceful one, then the closing one
+        expect(seen["closed_after"]).to be_a(Float), seen.inspect
+      end
+    end
+
+    it "never cuts a response whose body waits on the app" do
+      slow = lambda do |_env|
+        body = Enumerator.new do |out|
+          out << "first;"
+          sleep 2.5
+          out << "second"
+        end
+        [200, { "content-type" => "text/plain" }, body]
+      end
+      with_worker(slow, write_timeout: 1) do |port|
+        expect(run_client("curl", "-s", "--http2-prior-knowledge", "http://127.0.0.1:#{port}/")).to eq("first;second")
+      end
+    end
+  end
+
   it "sends GOAWAY on TERM and lets the stream in flight finish" do
     dir = Dir.mktmpdir("hyperion-h2-drain")
     File.write(File.join(dir, "config.ru"), "run ->(_) { sleep 1; [200, {}, ['drained']] }\n")

@@ -428,7 +428,13 @@ async fn serve_connection<S>(
                     let context = context.clone();
                     async move { handle_request(request, deadline, &context).await }
                 };
-                H2Session::new(io, &options.h2, activity.clone(), respond)
+                H2Session::new(
+                    io,
+                    &options.h2,
+                    options.write_timeout,
+                    activity.clone(),
+                    respond,
+                )
             };
             serve(io, start, plaintext_fd, activity.clone(), timeouts, stop).await;
         }

@@ -27,7 +27,8 @@ module Hyperion
        "Time for a whole request, head and body, else 408 (default 60)"],
       ["--idle-timeout SECONDS", :idle_timeout, Float, "Close an idle keep-alive connection after this (default 20)"],
       ["--write-timeout SECONDS", :write_timeout, Float,
-       "Drop a client that reads nothing of a response for this long (default 10)"],
+       "Drop a client that reads nothing of a response for this long; reset an HTTP/2 stream " \
+       "that gets no window for this long (default 10)"],
       ["--max-body-bytes BYTES", :max_body_bytes, Integer, "Largest request body, else 413 (default 1073741824)"],
       ["--max-uri-bytes BYTES", :max_uri_bytes, Integer, "Longest request target, else 414 (default 12288)"],
       ["--max-header-bytes BYTES", :max_header_bytes, Integer, "Largest header section, else 431 (default 114688)"],

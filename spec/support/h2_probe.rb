@@ -11,7 +11,7 @@ module H2Probe
 
   def h2_probe(scenario, port, *args)
     out, err, status = Open3.capture3("python3", SCRIPT, scenario.to_s, port.to_s, *args.map(&:to_s))
-    raise "python h2 is missing: pip install h2\n#{err}" if err.include?("No module named 'h2'")
+    raise "python h2 is missing: pip install h2\n#{err}" if err.match?(/No module named '(hpack|hyperframe)'/)
     raise "h2_probe #{scenario} failed (#{status}):\n#{err}" unless status.success?
 
     JSON.parse(out.lines.last)

@@ -3,12 +3,17 @@
 //! (or the client's RST_STREAM), sends its head, then its body, handing h2
 //! only as much data as the client's flow-control windows let it send now.
 //! Data the client has no window for therefore waits here, where it can be
-//! seen, rather than in h2's send buffer.
+//! seen, rather than in h2's send buffer: a stream that has data to send and
+//! gets no send capacity for `write_timeout` is reset (RST_STREAM CANCEL),
+//! so a client cannot pin streams by never sending WINDOW_UPDATE. A body
+//! waiting on the app (a slow producer) is not stalled and never cut.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -17,6 +22,7 @@ use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TE, TRANSFER_ENCODING, UPGR
 use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
 use http_body::Body;
 use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
 
 use crate::connection::Activity;
 use crate::response::ResponseBody;
@@ -24,14 +30,35 @@ use crate::response::ResponseBody;
 /// The largest capacity h2 accepts in one reservation (a window's maximum).
 const MAX_RESERVATION: usize = (1 << 31) - 1;
 
-/// Tells the connection a response is over when dropped, however the
-/// exchange ended (sent, reset by either side, connection gone).
-pub(super) struct Finished(pub(super) Arc<Activity>);
+/// What the streams of one connection share with it.
+pub(super) struct ConnectionShared {
+    pub(super) activity: Arc<Activity>,
+    /// How long a stream may have data to send and no capacity to send it.
+    pub(super) write_timeout: Duration,
+    /// Pieces of body handed to h2 by any stream: a stream that stalls out
+    /// while this has not moved shows that the whole connection is stuck.
+    pub(super) sends: AtomicU64,
+}
+
+/// A stream's share of the connection; tells the connection the response is
+/// over when dropped, however the exchange ended (sent, reset by either
+/// side, connection gone).
+pub(super) struct Finished(pub(super) Arc<ConnectionShared>);
 
 impl Drop for Finished {
     fn drop(&mut self) {
-        self.0.response_finished();
+        self.0.activity.response_finished();
     }
+}
+
+/// How an exchange ended, as the connection needs to know it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum StreamEnd {
+    /// Sent, or reset by either side for any reason but a stall.
+    Done,
+    /// Reset after `write_timeout` without send capacity. `sends`: the
+    /// connection's send count when the stall began.
+    StalledOut { sends: u64 },
 }
 
 pin_project! {
@@ -73,9 +100,9 @@ impl<F> Future for StreamTask<F>
 where
     F: Future<Output = Response<ResponseBody>>,
 {
-    type Output = ();
+    type Output = StreamEnd;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<StreamEnd> {
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
@@ -84,25 +111,29 @@ where
                         Poll::Ready(response) => response,
                         // The client may cancel while the app works; the
                         // app's answer is then dropped unsent.
-                        Poll::Pending => return this.respond.poll_reset(cx).map(|_| ()),
+                        Poll::Pending => {
+                            return this.respond.poll_reset(cx).map(|_| StreamEnd::Done)
+                        }
                     };
                     match send_head(this.respond, response, *this.head_only) {
-                        Some(pipe) => this.state.set(State::Sending { pipe }),
-                        None => return Poll::Ready(()),
+                        Some((send, body)) => this.state.set(State::Sending {
+                            pipe: BodyPipe::new(send, body),
+                        }),
+                        None => return Poll::Ready(StreamEnd::Done),
                     }
                 }
-                StateProj::Sending { pipe } => return pipe.poll(cx),
+                StateProj::Sending { pipe } => return pipe.poll(cx, &this.finished.0),
             }
         }
     }
 }
 
-/// Sends the response head; returns the pipe for its body, if it has one.
+/// Sends the response head; returns where its body goes, if it has one.
 fn send_head(
     respond: &mut SendResponse<Bytes>,
     response: Response<ResponseBody>,
     head_only: bool,
-) -> Option<BodyPipe> {
+) -> Option<(SendStream<Bytes>, ResponseBody)> {
     let (mut head, body) = response.into_parts();
     strip_connection_fields(&mut head.headers);
     head.headers.entry(DATE).or_insert_with(super::date::now);
@@ -115,12 +146,7 @@ fn send_head(
         }
     }
     match respond.send_response(Response::from_parts(head, ()), ends) {
-        Ok(send) => (!ends).then(|| BodyPipe {
-            send,
-            body,
-            pending: Bytes::new(),
-            pending_ends: false,
-        }),
+        Ok(send) => (!ends).then_some((send, body)),
         Err(e) => {
             tracing::debug!(error = %e, "could not send an HTTP/2 response head");
             respond.send_reset(Reason::INTERNAL_ERROR);
@@ -161,32 +187,57 @@ struct BodyPipe {
     pending: Bytes,
     /// `pending` is the last of the body (no trailers follow).
     pending_ends: bool,
+    /// Set while `pending` waits for capacity the client does not grant.
+    stall: Option<Stall>,
+}
+
+struct Stall {
+    /// The connection's send count when the stall began.
+    sends: u64,
+    /// Allocated at a stream's first stall, re-armed at later ones.
+    timer: Pin<Box<Sleep>>,
+    armed: bool,
 }
 
 impl BodyPipe {
-    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    fn new(send: SendStream<Bytes>, body: ResponseBody) -> Self {
+        Self {
+            send,
+            body,
+            pending: Bytes::new(),
+            pending_ends: false,
+            stall: None,
+        }
+    }
+
+    fn poll(&mut self, cx: &mut Context<'_>, connection: &ConnectionShared) -> Poll<StreamEnd> {
         loop {
             // Also registers for the client's RST_STREAM while waiting below.
             if self.send.poll_reset(cx).is_ready() {
-                return Poll::Ready(());
+                return Poll::Ready(StreamEnd::Done);
             }
             if !self.pending.is_empty() {
                 let capacity = match self.poll_capacity(cx) {
                     Poll::Ready(Some(capacity)) => capacity,
-                    Poll::Ready(None) => return Poll::Ready(()),
-                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(None) => return Poll::Ready(StreamEnd::Done),
+                    Poll::Pending => return self.poll_stall(cx, connection),
                 };
+                if let Some(stall) = &mut self.stall {
+                    stall.armed = false;
+                }
                 let piece = if capacity >= self.pending.len() {
                     std::mem::take(&mut self.pending)
                 } else {
                     self.pending.split_to(capacity)
                 };
                 let ends = self.pending_ends && self.pending.is_empty();
+                connection.sends.fetch_add(1, Ordering::Relaxed);
                 if self.send.send_data(piece, ends).is_err() || ends {
-                    return Poll::Ready(());
+                    return Poll::Ready(StreamEnd::Done);
                 }
                 continue;
             }
+            // Waiting on the app here is never a stall.
             match Pin::new(&mut self.body).poll_frame(cx) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
@@ -195,7 +246,7 @@ impl BodyPipe {
                         if data.is_empty() {
                             if ends {
                                 let _ = self.send.send_data(Bytes::new(), true);
-                                return Poll::Ready(());
+                                return Poll::Ready(StreamEnd::Done);
                             }
                             continue;
                         }
@@ -206,18 +257,18 @@ impl BodyPipe {
                     Err(frame) => {
                         if let Ok(fields) = frame.into_trailers() {
                             let _ = self.send.send_trailers(fields);
-                            return Poll::Ready(());
+                            return Poll::Ready(StreamEnd::Done);
                         }
                     }
                 },
                 Poll::Ready(Some(Err(aborted))) => {
                     tracing::debug!(error = %aborted, "HTTP/2 response body failed; stream reset");
                     self.send.send_reset(Reason::INTERNAL_ERROR);
-                    return Poll::Ready(());
+                    return Poll::Ready(StreamEnd::Done);
                 }
                 Poll::Ready(None) => {
                     let _ = self.send.send_data(Bytes::new(), true);
-                    return Poll::Ready(());
+                    return Poll::Ready(StreamEnd::Done);
                 }
             }
         }
@@ -237,6 +288,39 @@ impl BodyPipe {
                 Poll::Pending => return Poll::Pending,
             }
         }
+    }
+
+    /// Data waits for capacity: starts or checks the stall timer, and resets
+    /// the stream once it has run out.
+    fn poll_stall(
+        &mut self,
+        cx: &mut Context<'_>,
+        connection: &ConnectionShared,
+    ) -> Poll<StreamEnd> {
+        let stall = match &mut self.stall {
+            Some(stall) if stall.armed => stall,
+            Some(stall) => {
+                stall.armed = true;
+                stall.sends = connection.sends.load(Ordering::Relaxed);
+                let deadline = Instant::now() + connection.write_timeout;
+                stall.timer.as_mut().reset(deadline);
+                stall
+            }
+            None => self.stall.insert(Stall {
+                sends: connection.sends.load(Ordering::Relaxed),
+                timer: Box::pin(tokio::time::sleep(connection.write_timeout)),
+                armed: true,
+            }),
+        };
+        if stall.timer.as_mut().poll(cx).is_pending() {
+            return Poll::Pending;
+        }
+        tracing::debug!(
+            seconds = connection.write_timeout.as_secs_f64(),
+            "HTTP/2 stream got no send window within write_timeout; reset"
+        );
+        self.send.send_reset(Reason::CANCEL);
+        Poll::Ready(StreamEnd::StalledOut { sends: stall.sends })
     }
 }
 
