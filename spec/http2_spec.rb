@@ -250,6 +250,29 @@ RSpec.describe "HTTP/2" do
     end
   end
 
+  describe "control-frame budget" do
+    it "answers a PING flood and a SETTINGS flood with GOAWAY ENHANCE_YOUR_CALM and closes" do
+      with_worker(app) do |port|
+        %i[ping_flood settings_flood].each do |flood|
+          seen = h2_probe(flood, port, 20)
+          expect(seen["goaway"]).to eq(11), "#{flood}: #{seen.inspect}"
+          expect(seen["closed"]).to be(true), "#{flood}: #{seen.inspect}"
+          expect(seen["ping_acks"] + seen["settings_acks"]).to be < 5_000, "#{flood}: #{seen.inspect}"
+        end
+        expect(run_client("curl", "-s", "--http2-prior-knowledge", "http://127.0.0.1:#{port}/"))
+          .to eq("HTTP/2 127.0.0.1:#{port} http false")
+      end
+    end
+
+    it "leaves a client that sends a few PINGs and SETTINGS alone" do
+      with_worker(app) do |port|
+        seen = h2_probe(:polite, port)
+        expect(seen).to include("status" => "200", "goaway" => nil, "closed" => false, "ping_acks" => 5)
+        expect(seen["settings_acks"]).to eq(4) # the three sent, and the one of the preface
+      end
+    end
+  end
+
   it "sends GOAWAY on TERM and lets the stream in flight finish" do
     dir = Dir.mktmpdir("hyperion-h2-drain")
     File.write(File.join(dir, "config.ru"), "run ->(_) { sleep 1; [200, {}, ['drained']] }\n")

@@ -8,9 +8,14 @@
 //!   the client's flow-control windows;
 //! - `recv_body`: a request body as an `http_body::Body`, so request handling
 //!   (server.rs) is shared with HTTP/1.1;
+//! - `control_budget`: GOAWAY for a client that floods PING, SETTINGS and
+//!   other frames without request work, counted by `frame_scanner` as h2
+//!   reads them;
 //! - `date`: the `date` header, formatted once per second.
 
+mod control_budget;
 mod date;
+mod frame_scanner;
 mod recv_body;
 mod session;
 mod stream;

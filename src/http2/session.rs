@@ -12,7 +12,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -26,8 +26,9 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
+use super::control_budget::BudgetedIo;
 use super::recv_body::RecvBody;
-use super::stream::{ConnectionShared, Finished, StreamEnd, StreamTask};
+use super::stream::{Finished, StreamEnd, StreamTask};
 use crate::connection::{Activity, Session, SessionResult, WatchedIo};
 use crate::h2_settings::H2Settings;
 use crate::response::ResponseBody;
@@ -42,7 +43,19 @@ const MAX_SEND_BUFFER: usize = 400 * 1024;
 const MAX_PENDING_ACCEPT_RESET_STREAMS: usize = 20;
 const MAX_LOCAL_ERROR_RESET_STREAMS: usize = 1024;
 
-type Io<S> = TokioIo<WatchedIo<S>>;
+type Io<S> = BudgetedIo<TokioIo<WatchedIo<S>>>;
+
+/// What the streams and the reading side of one connection share with it.
+pub(super) struct ConnectionShared {
+    pub(super) activity: Arc<Activity>,
+    /// How long a stream may have data to send and no capacity to send it.
+    pub(super) write_timeout: Duration,
+    /// Pieces of body handed to h2 by any stream: a stream that stalls out
+    /// while this has not moved shows that the whole connection is stuck.
+    pub(super) sends: AtomicU64,
+    /// The client went over its control-frame budget (`control_budget`).
+    pub(super) control_flood: AtomicBool,
+}
 
 enum State<S> {
     Handshaking(Handshake<Io<S>, Bytes>),
@@ -61,6 +74,8 @@ pub struct H2Session<S, H, F> {
     /// GOAWAY was sent.
     going_away: bool,
     stuck: Stuck,
+    /// The control-frame flood was answered with GOAWAY.
+    flood_answered: bool,
 }
 
 /// Whether the client was found holding the whole connection (see the
@@ -98,18 +113,22 @@ where
             .max_send_buffer_size(MAX_SEND_BUFFER)
             .max_pending_accept_reset_streams(MAX_PENDING_ACCEPT_RESET_STREAMS)
             .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS));
+        let shared = Arc::new(ConnectionShared {
+            activity,
+            write_timeout,
+            sends: AtomicU64::new(0),
+            control_flood: AtomicBool::new(false),
+        });
+        let io = BudgetedIo::new(TokioIo::new(io), shared.clone());
         Self {
-            state: State::Handshaking(builder.handshake(TokioIo::new(io))),
+            state: State::Handshaking(builder.handshake(io)),
             streams: FuturesUnordered::new(),
             handler,
-            shared: Arc::new(ConnectionShared {
-                activity,
-                write_timeout,
-                sends: AtomicU64::new(0),
-            }),
+            shared,
             shutdown_pending: false,
             going_away: false,
             stuck: Stuck::No,
+            flood_answered: false,
         }
     }
 
@@ -161,31 +180,64 @@ where
                     stuck |= this.shared.sends.load(Ordering::Relaxed) == sends;
                 }
             }
+            if stuck {
+                this.found_stuck();
+            }
+            this.poll_stuck_deadline(cx);
             let State::Serving(connection) = &mut this.state else {
                 unreachable!("the handshake is done");
             };
-            if stuck && matches!(this.stuck, Stuck::No) {
-                tracing::debug!("HTTP/2 connection made no progress within write_timeout; GOAWAY");
-                let write_timeout = this.shared.write_timeout;
-                this.stuck = Stuck::Closing(Box::pin(tokio::time::sleep(write_timeout)));
-                if !this.going_away {
-                    this.going_away = true;
-                    connection.graceful_shutdown();
-                }
+            let accepted = connection.poll_accept(cx);
+            if this.shared.control_flood.load(Ordering::Relaxed) && !this.flood_answered {
+                // The reading side stopped feeding h2; GOAWAY and close.
+                tracing::debug!(
+                    "HTTP/2 client went over its control-frame budget; GOAWAY ENHANCE_YOUR_CALM"
+                );
+                this.flood_answered = true;
+                connection.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                continue;
             }
-            if let Stuck::Closing(deadline) = &mut this.stuck {
-                if deadline.as_mut().poll(cx).is_ready() {
-                    tracing::debug!("stuck HTTP/2 connection did not close after GOAWAY; closing");
-                    connection.abrupt_shutdown(h2::Reason::NO_ERROR);
-                    this.stuck = Stuck::Closed;
-                }
-            }
-            match connection.poll_accept(cx) {
+            match accepted {
                 Poll::Ready(Some(Ok((request, respond)))) => this.accept(request, respond),
                 Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e.into())),
                 Poll::Ready(None) => return Poll::Ready(Ok(())),
                 Poll::Pending => return Poll::Pending,
             }
+        }
+    }
+}
+
+impl<S, H, F> H2Session<S, H, F>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    /// A stream stalled out while nothing else on the connection moved:
+    /// GOAWAY now, and a deadline for the close.
+    fn found_stuck(&mut self) {
+        if !matches!(self.stuck, Stuck::No) {
+            return;
+        }
+        tracing::debug!("HTTP/2 connection made no progress within write_timeout; GOAWAY");
+        let write_timeout = self.shared.write_timeout;
+        self.stuck = Stuck::Closing(Box::pin(tokio::time::sleep(write_timeout)));
+        if let State::Serving(connection) = &mut self.state {
+            if !self.going_away {
+                self.going_away = true;
+                connection.graceful_shutdown();
+            }
+        }
+    }
+
+    fn poll_stuck_deadline(&mut self, cx: &mut Context<'_>) {
+        let (Stuck::Closing(deadline), State::Serving(connection)) =
+            (&mut self.stuck, &mut self.state)
+        else {
+            return;
+        };
+        if deadline.as_mut().poll(cx).is_ready() {
+            tracing::debug!("stuck HTTP/2 connection did not close after GOAWAY; closing");
+            connection.abrupt_shutdown(h2::Reason::NO_ERROR);
+            self.stuck = Stuck::Closed;
         }
     }
 }
@@ -357,5 +409,77 @@ mod tests {
             .unwrap();
         let mut body = response.await.unwrap().into_body();
         assert_eq!(&body.data().await.unwrap().unwrap()[..], b"late");
+    }
+
+    /// A raw HTTP/2 frame.
+    fn frame(kind: u8, flags: u8, stream_id: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        out.extend([kind, flags]);
+        out.extend(stream_id.to_be_bytes());
+        out.extend(payload);
+        out
+    }
+
+    /// Sends `frames` after the preface to a fresh session and returns the
+    /// GOAWAY codes it answered with, and whether it closed the connection.
+    async fn goaways_after(frames: Vec<u8>) -> (Vec<u32>, bool) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut client, server_io) = tokio::io::duplex(1 << 16);
+        let activity = Activity::new();
+        let io = WatchedIo::new(server_io, activity.clone());
+        let session = H2Session::new(io, &H2Settings::default(), WRITE_TIMEOUT, activity, echo);
+        tokio::spawn(async move {
+            let _ = session.await;
+        });
+        let mut stream = crate::session::H2_PREFACE.to_vec();
+        stream.extend(frame(0x4, 0, 0, b""));
+        stream.extend(frames);
+        let writer = tokio::spawn(async move {
+            let _ = client.write_all(&stream).await;
+            let mut answer = Vec::new();
+            let closed =
+                tokio::time::timeout(Duration::from_secs(10), client.read_to_end(&mut answer))
+                    .await
+                    .is_ok();
+            (answer, closed)
+        });
+        let (answer, closed) = writer.await.unwrap();
+        let mut codes = Vec::new();
+        let mut at = 0;
+        while at + 9 <= answer.len() {
+            let length =
+                u32::from_be_bytes([0, answer[at], answer[at + 1], answer[at + 2]]) as usize;
+            if answer[at + 3] == 0x7 && at + 9 + 8 <= answer.len() {
+                let code = &answer[at + 13..at + 17];
+                codes.push(u32::from_be_bytes(code.try_into().unwrap()));
+            }
+            at += 9 + length;
+        }
+        (codes, closed)
+    }
+
+    #[tokio::test]
+    async fn a_ping_flood_gets_goaway_enhance_your_calm_and_the_connection_closes() {
+        let pings: Vec<u8> = (0..5_000u64)
+            .flat_map(|n| frame(0x6, 0, 0, &n.to_be_bytes()))
+            .collect();
+        let (goaways, closed) = goaways_after(pings).await;
+        assert_eq!(goaways, vec![u32::from(h2::Reason::ENHANCE_YOUR_CALM)]);
+        assert!(closed, "the server closed the connection");
+    }
+
+    #[tokio::test]
+    async fn a_few_control_frames_are_fine() {
+        let mut frames: Vec<u8> = (0..50u64)
+            .flat_map(|n| frame(0x6, 0, 0, &n.to_be_bytes()))
+            .collect();
+        frames.extend(frame(0x2, 0, 1, &[0, 0, 0, 0, 16]));
+        frames.extend(frame(0x4, 0, 0, &[0, 3, 0, 0, 0, 50]));
+        frames.extend(frame(0x7, 0, 0, &[0, 0, 0, 0, 0, 0, 0, 0]));
+        let (goaways, _) = goaways_after(frames).await;
+        assert!(
+            !goaways.contains(&u32::from(h2::Reason::ENHANCE_YOUR_CALM)),
+            "{goaways:?}"
+        );
     }
 }

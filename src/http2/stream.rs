@@ -10,10 +10,9 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -24,21 +23,11 @@ use http_body::Body;
 use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
-use crate::connection::Activity;
+use super::session::ConnectionShared;
 use crate::response::ResponseBody;
 
 /// The largest capacity h2 accepts in one reservation (a window's maximum).
 const MAX_RESERVATION: usize = (1 << 31) - 1;
-
-/// What the streams of one connection share with it.
-pub(super) struct ConnectionShared {
-    pub(super) activity: Arc<Activity>,
-    /// How long a stream may have data to send and no capacity to send it.
-    pub(super) write_timeout: Duration,
-    /// Pieces of body handed to h2 by any stream: a stream that stalls out
-    /// while this has not moved shows that the whole connection is stuck.
-    pub(super) sends: AtomicU64,
-}
 
 /// A stream's share of the connection; tells the connection the response is
 /// over when dropped, however the exchange ended (sent, reset by either
