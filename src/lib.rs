@@ -9,6 +9,7 @@ pub mod error;
 pub mod h2_settings;
 pub mod host;
 pub mod http2;
+pub mod interim;
 pub mod limits;
 pub mod listener;
 pub mod logging;

@@ -28,6 +28,7 @@ use crate::connection::{
 use crate::error::Error;
 use crate::h2_settings::H2Settings;
 use crate::http2::H2Session;
+use crate::interim::{self, EarlyHints, InterimQueue};
 use crate::limits::{check_head, Limits};
 use crate::listener::{AsyncListener, Listener};
 use crate::queue::{JobQueue, PushError};
@@ -66,6 +67,8 @@ pub struct ServerOptions {
     /// requests, so keep-alive clients reconnect now and then and the kernel
     /// spreads them afresh across SO_REUSEPORT workers. None: no limit.
     pub max_keepalive_requests: Option<u32>,
+    /// The app may send `103 Early Hints` (`rack.early_hints`).
+    pub early_hints: bool,
 }
 
 impl Default for ServerOptions {
@@ -81,6 +84,7 @@ impl Default for ServerOptions {
             body_memory_limit: crate::body::DEFAULT_MEMORY_LIMIT,
             io_threads: 1,
             max_keepalive_requests: Some(DEFAULT_MAX_KEEPALIVE_REQUESTS),
+            early_hints: false,
         }
     }
 }
@@ -351,6 +355,9 @@ struct ConnectionContext {
     activity: Arc<Activity>,
     /// HTTP/1.1 requests answered so far (`max_keepalive_requests`).
     served: AtomicU32,
+    /// HTTP/1.1 with early hints on: the interim bytes the requests queue
+    /// for the connection's `InterimIo`.
+    interim: Option<Arc<InterimQueue>>,
 }
 
 impl ConnectionContext {
@@ -367,9 +374,23 @@ impl ConnectionContext {
                 >= max
         });
         let deadline = self.activity.request_started() + options.max_request_read;
+        let (early_hints, hints) = match &self.interim {
+            None => (None, None),
+            Some(_) if request.version() < http::Version::HTTP_11 => {
+                (Some(EarlyHints::inert()), None)
+            }
+            Some(_) => {
+                let (early_hints, hints) = interim::channel();
+                (Some(early_hints), Some(hints))
+            }
+        };
         let context = self.clone();
         async move {
-            let mut response = handle_request(request, deadline, &context).await;
+            let response = handle_request(request, deadline, &context, early_hints);
+            let mut response = match (hints, &context.interim) {
+                (Some(hints), Some(queue)) => interim::http1_exchange(queue, hints, response).await,
+                _ => response.await,
+            };
             // A stop has begun: tell a keep-alive client before closing.
             if last || context.shared.stop.is_stopped() {
                 response.headers_mut().insert(
@@ -405,6 +426,8 @@ async fn serve_connection<S>(
         shared: shared.clone(),
         activity: activity.clone(),
         served: AtomicU32::new(0),
+        interim: (protocol == Protocol::Http1 && shared.options.early_hints)
+            .then(|| Arc::new(InterimQueue::default())),
     });
     let options = &shared.options;
     let timeouts = Timeouts {
@@ -416,25 +439,20 @@ async fn serve_connection<S>(
     let stop = &shared.stop;
     match protocol {
         Protocol::Http1 => {
+            let interim = context.interim.clone();
             let service = service_fn(move |request| context.respond_http1(request));
-            let start = http1_starter(options, service);
+            let start = http1_starter(options, interim, service);
             serve(io, start, plaintext_fd, activity, timeouts, stop).await;
         }
         Protocol::Http2 => {
             let start = |io| {
                 let context = context.clone();
-                let respond = move |request, head_started: Instant| {
+                let respond = move |request, head_started: Instant, early_hints| {
                     let deadline = head_started + context.shared.options.max_request_read;
                     let context = context.clone();
-                    async move { handle_request(request, deadline, &context).await }
+                    async move { handle_request(request, deadline, &context, early_hints).await }
                 };
-                H2Session::new(
-                    io,
-                    &options.h2,
-                    options.write_timeout,
-                    activity.clone(),
-                    respond,
-                )
+                H2Session::new(io, options, activity.clone(), respond)
             };
             serve(io, start, plaintext_fd, activity.clone(), timeouts, stop).await;
         }
@@ -489,11 +507,13 @@ const REFUSED_H2_BODY_TIME: Duration = Duration::from_secs(1);
 /// Answers one request of either HTTP version: checks it, reads its body
 /// (or starts streaming it), queues it for the Ruby threads and waits for
 /// their answer. `deadline`: when the whole request (counted from its head's
-/// first byte) must have arrived.
+/// first byte) must have arrived. `early_hints`: the app's
+/// `rack.early_hints`, when enabled.
 async fn handle_request<B>(
     request: Request<B>,
     deadline: Instant,
     context: &ConnectionContext,
+    early_hints: Option<EarlyHints>,
 ) -> Response<ResponseBody>
 where
     B: Body<Data = Bytes> + Unpin + Send + 'static,
@@ -527,6 +547,7 @@ where
             remote_addr: context.peer.remote_addr.clone(),
             client_cert: context.peer.client_cert.clone(),
             server: context.info.clone(),
+            early_hints,
         },
         reply,
     };
@@ -575,17 +596,32 @@ mod tests {
 
     /// Starts a server on `endpoints` whose "app" (a plain thread standing in
     /// for Ruby) answers with the method, path and body length it saw, then
-    /// the scheme and port of the listener the request came in on.
+    /// the scheme and port of the listener the request came in on. For
+    /// /hints it sends a 103 Early Hints first, when it can.
     fn echo_server_on(
         endpoints: Vec<Endpoint>,
     ) -> (Server, Arc<Shared>, std::thread::JoinHandle<()>) {
-        let shared = Shared::new(ServerOptions::default(), None);
+        echo_server_with(ServerOptions::default(), endpoints)
+    }
+
+    fn echo_server_with(
+        options: ServerOptions,
+        endpoints: Vec<Endpoint>,
+    ) -> (Server, Arc<Shared>, std::thread::JoinHandle<()>) {
+        let shared = Shared::new(options, None);
         let server = Server::start(endpoints, shared.clone()).unwrap();
         let consumer = {
             let shared = shared.clone();
             std::thread::spawn(move || {
                 let flag = AtomicBool::new(false);
                 while let Pop::Job(job) = shared.queue.pop(&flag) {
+                    if let (Some(hints), "/hints") =
+                        (&job.request.early_hints, job.request.head.uri.path())
+                    {
+                        let mut fields = http::HeaderMap::new();
+                        fields.insert("link", http::HeaderValue::from_static("</a.css>"));
+                        hints.send(fields);
+                    }
                     let text = format!(
                         "{} {} {} {}:{}",
                         job.request.head.method,
@@ -647,6 +683,46 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("date: "), "hyper adds a Date header: {out}");
+        shared.stop.stop();
+        assert!(server.wait_stopped(&Notify::new()));
+        shared.queue.close();
+        consumer.join().unwrap();
+        server.shutdown();
+    }
+
+    #[test]
+    fn early_hints_precede_their_response_and_never_reach_http_1_0() {
+        let (endpoint, port) = plain_endpoint();
+        let options = ServerOptions {
+            early_hints: true,
+            ..ServerOptions::default()
+        };
+        let (mut server, shared, consumer) = echo_server_with(options, vec![endpoint]);
+        let out = exchange(
+            port,
+            b"GET /hints HTTP/1.1\r\nHost: x\r\n\r\n\
+              GET /hints HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        let without_bodies = out.replace(&format!("GET /hints 0 http:{port}"), "");
+        let heads: Vec<&str> = without_bodies
+            .split("\r\n")
+            .filter(|line| line.starts_with("HTTP/1.1") || line.starts_with("link"))
+            .collect();
+        assert_eq!(
+            heads,
+            [
+                "HTTP/1.1 103 Early Hints",
+                "link: </a.css>",
+                "HTTP/1.1 200 OK",
+                "HTTP/1.1 103 Early Hints",
+                "link: </a.css>",
+                "HTTP/1.1 200 OK"
+            ],
+            "{out}"
+        );
+        let out = exchange(port, b"GET /hints HTTP/1.0\r\nHost: x\r\n\r\n");
+        assert!(out.starts_with("HTTP/1.0 200 OK"), "{out}");
+        assert!(!out.contains("103"), "{out}");
         shared.stop.stop();
         assert!(server.wait_stopped(&Notify::new()));
         shared.queue.close();

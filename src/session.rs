@@ -17,6 +17,7 @@ use hyper_util::rt::TokioTimer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use crate::connection::{Activity, Session, SessionResult, WatchedIo};
+use crate::interim::{InterimIo, InterimQueue};
 use crate::response::{ResponseBody, StreamAborted};
 use crate::server::ServerOptions;
 
@@ -60,14 +61,16 @@ pub async fn sniff<S: AsyncRead + Unpin>(
 }
 
 /// hyper's HTTP/1.1 connection as a `connection::Session`.
-pub struct Http1Session<S, Svc>(http1::Connection<WatchedIo<S>, Svc>)
+pub struct Http1Session<S, Svc>(http1::Connection<InterimIo<WatchedIo<S>>, Svc>)
 where
     Svc: HttpService<Incoming>;
 
 /// Builds HTTP/1.1 sessions with the server's settings. (HTTP/2 sessions are
-/// `http2::H2Session`.)
+/// `http2::H2Session`.) `interim`: the connection's queue of 103 Early Hints
+/// bytes, when early hints are on.
 pub fn http1_starter<S, Svc>(
     options: &ServerOptions,
+    interim: Option<Arc<InterimQueue>>,
     service: Svc,
 ) -> impl Fn(WatchedIo<S>) -> Http1Session<S, Svc>
 where
@@ -83,7 +86,10 @@ where
         .max_headers(options.limits.max_headers)
         .max_header_size(options.limits.max_header_bytes)
         .keep_alive(true);
-    move |io| Http1Session(h1.serve_connection(io, service.clone()))
+    move |io| {
+        let io = InterimIo::new(io, interim.clone());
+        Http1Session(h1.serve_connection(io, service.clone()))
+    }
 }
 
 impl<S, Svc> std::future::Future for Http1Session<S, Svc>
@@ -113,7 +119,7 @@ where
 
     fn into_io(self) -> Option<(WatchedIo<S>, Bytes)> {
         let parts = self.0.into_parts();
-        Some((parts.io, parts.read_buf))
+        Some((parts.io.into_inner(), parts.read_buf))
     }
 }
 

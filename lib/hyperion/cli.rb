@@ -143,7 +143,7 @@ module Hyperion
       Worker.new(host: address.ip? ? address.ip_address : "localhost", port: address.ip? ? address.ip_port : 0,
                  app: app, read_timeout: config.read_timeout, thread_count: config.threads, config: config,
                  listener: sockets.size == 1 ? sockets.first : sockets, tls: tls,
-                 h2_settings: config.h2, worker_index: index, **config.limits)
+                 h2_settings: config.h2, early_hints: config.early_hints, worker_index: index, **config.limits)
     rescue ArgumentError, TypeError => e
       # Worker messages start with the keyword; name the flag instead.
       flag = LIMIT_FLAGS.find { |(_, keyword)| e.message.start_with?("#{keyword}:") }
@@ -202,6 +202,9 @@ module Hyperion
           raise ConfigError, "--worker-timeout must be a positive number of seconds, got #{v}" unless v.positive?
 
           flags[:settings][:worker_timeout] = v
+        end
+        o.on("--[no-]early-hints", "Let the app send 103 Early Hints (env[\"rack.early_hints\"]; default off)") do |v|
+          flags[:settings][:early_hints] = v
         end
         o.on("--redirect-stdout PATH", "Append stdout to this file; HUP reopens it") do |v|
           flags[:redirect][0] = v

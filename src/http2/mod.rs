@@ -22,3 +22,4 @@ mod stream;
 
 pub use recv_body::RecvBody;
 pub use session::H2Session;
+pub(crate) use stream::strip_connection_fields;

@@ -30,8 +30,9 @@ use super::control_budget::BudgetedIo;
 use super::recv_body::RecvBody;
 use super::stream::{Finished, StreamEnd, StreamTask};
 use crate::connection::{Activity, Session, SessionResult, WatchedIo};
-use crate::h2_settings::H2Settings;
+use crate::interim::{self, EarlyHints};
 use crate::response::ResponseBody;
+use crate::server::ServerOptions;
 
 /// What hyper's HTTP/2 server used, kept so nothing changes for clients: a
 /// 1 MiB connection receive window and at most ~400 KiB buffered per stream.
@@ -63,7 +64,8 @@ enum State<S> {
 }
 
 /// An HTTP/2 connection as a `connection::Session`. `handler` turns a request
-/// (and when its head arrived) into the response future for it.
+/// (with when its head arrived, and its `rack.early_hints` when enabled) into
+/// the response future for it.
 pub struct H2Session<S, H, F> {
     state: State<S>,
     streams: FuturesUnordered<StreamTask<F>>,
@@ -76,6 +78,8 @@ pub struct H2Session<S, H, F> {
     stuck: Stuck,
     /// The control-frame flood was answered with GOAWAY.
     flood_answered: bool,
+    /// Streams get `rack.early_hints`.
+    early_hints: bool,
 }
 
 /// Whether the client was found holding the whole connection (see the
@@ -90,19 +94,20 @@ enum Stuck {
 impl<S, H, F> H2Session<S, H, F>
 where
     S: AsyncRead + AsyncWrite + Unpin,
-    H: FnMut(Request<RecvBody>, Instant) -> F,
+    H: FnMut(Request<RecvBody>, Instant, Option<EarlyHints>) -> F,
     F: Future<Output = Response<ResponseBody>>,
 {
     /// `io` must begin with the client's connection preface (already read
-    /// bytes are in its prefix). `write_timeout`: how long a stream may wait
-    /// for send window before it is reset.
+    /// bytes are in its prefix). From `options`: the SETTINGS (`h2`),
+    /// `write_timeout` (how long a stream may wait for send window before it
+    /// is reset) and `early_hints`.
     pub fn new(
         io: WatchedIo<S>,
-        settings: &H2Settings,
-        write_timeout: Duration,
+        options: &ServerOptions,
         activity: Arc<Activity>,
         handler: H,
     ) -> Self {
+        let settings = &options.h2;
         let mut builder = h2::server::Builder::new();
         builder
             .max_concurrent_streams(settings.max_concurrent_streams)
@@ -115,7 +120,7 @@ where
             .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESET_STREAMS));
         let shared = Arc::new(ConnectionShared {
             activity,
-            write_timeout,
+            write_timeout: options.write_timeout,
             sends: AtomicU64::new(0),
             control_flood: AtomicBool::new(false),
         });
@@ -129,6 +134,7 @@ where
             going_away: false,
             stuck: Stuck::No,
             flood_answered: false,
+            early_hints: options.early_hints,
         }
     }
 
@@ -143,16 +149,23 @@ where
             .and_then(|value| value.parse().ok());
         let head_only = head.method == Method::HEAD;
         let request = Request::from_parts(head, RecvBody::new(stream, content_length));
-        let response = (self.handler)(request, head_started);
-        self.streams
-            .push(StreamTask::new(respond, head_only, finished, response));
+        let (early_hints, hints) = if self.early_hints {
+            let (early_hints, hints) = interim::channel();
+            (Some(early_hints), Some(hints))
+        } else {
+            (None, None)
+        };
+        let response = (self.handler)(request, head_started, early_hints);
+        self.streams.push(StreamTask::new(
+            respond, head_only, finished, hints, response,
+        ));
     }
 }
 
 impl<S, H, F> Future for H2Session<S, H, F>
 where
     S: AsyncRead + AsyncWrite + Unpin,
-    H: FnMut(Request<RecvBody>, Instant) -> F + Unpin,
+    H: FnMut(Request<RecvBody>, Instant, Option<EarlyHints>) -> F + Unpin,
     F: Future<Output = Response<ResponseBody>>,
 {
     type Output = SessionResult;
@@ -245,7 +258,7 @@ where
 impl<S, H, F> Session<S> for H2Session<S, H, F>
 where
     S: AsyncRead + AsyncWrite + Unpin,
-    H: FnMut(Request<RecvBody>, Instant) -> F + Unpin,
+    H: FnMut(Request<RecvBody>, Instant, Option<EarlyHints>) -> F + Unpin,
     F: Future<Output = Response<ResponseBody>>,
 {
     /// GOAWAY: streams in flight finish, new ones are refused.
@@ -274,6 +287,14 @@ mod tests {
     use super::*;
     use http::{HeaderMap, HeaderValue, StatusCode};
 
+    fn options(early_hints: bool) -> ServerOptions {
+        ServerOptions {
+            write_timeout: WRITE_TIMEOUT,
+            early_hints,
+            ..ServerOptions::default()
+        }
+    }
+
     const WRITE_TIMEOUT: Duration = Duration::from_secs(3);
 
     /// Serves `handler` on one end of an in-memory pipe and returns an h2
@@ -284,13 +305,13 @@ mod tests {
         handler: H,
     ) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>)
     where
-        H: FnMut(Request<RecvBody>, Instant) -> F + Unpin + Send + 'static,
+        H: FnMut(Request<RecvBody>, Instant, Option<EarlyHints>) -> F + Unpin + Send + 'static,
         F: Future<Output = Response<ResponseBody>> + Send + 'static,
     {
         let (client_io, server_io) = tokio::io::duplex(1 << 20);
         let activity = Activity::new();
         let io = WatchedIo::new(server_io, activity.clone());
-        let session = H2Session::new(io, &H2Settings::default(), WRITE_TIMEOUT, activity, handler);
+        let session = H2Session::new(io, &options(true), activity, handler);
         tokio::spawn(async move {
             let _ = session.await;
         });
@@ -303,7 +324,7 @@ mod tests {
 
     async fn client_for<H, F>(handler: H) -> h2::client::SendRequest<Bytes>
     where
-        H: FnMut(Request<RecvBody>, Instant) -> F + Unpin + Send + 'static,
+        H: FnMut(Request<RecvBody>, Instant, Option<EarlyHints>) -> F + Unpin + Send + 'static,
         F: Future<Output = Response<ResponseBody>> + Send + 'static,
     {
         client_with(&h2::client::Builder::new(), handler).await.0
@@ -317,10 +338,21 @@ mod tests {
             .unwrap()
     }
 
-    /// Answers with the request's method, path and body, and trailers for /grpc.
-    async fn echo(request: Request<RecvBody>, _: Instant) -> Response<ResponseBody> {
+    /// Answers with the request's method, path and body, trailers for
+    /// /grpc, and a 103 Early Hints first for /hints.
+    async fn echo(
+        request: Request<RecvBody>,
+        _: Instant,
+        early_hints: Option<EarlyHints>,
+    ) -> Response<ResponseBody> {
         use http_body_util::BodyExt;
         let (head, body) = request.into_parts();
+        if head.uri.path() == "/hints" {
+            let mut fields = HeaderMap::new();
+            fields.append("link", HeaderValue::from_static("</a.css>; rel=preload"));
+            fields.append("link", HeaderValue::from_static("</b.js>; rel=preload"));
+            assert!(early_hints.unwrap().send(fields));
+        }
         let received = body.collect().await.unwrap().to_bytes();
         let text = format!("{} {} {}", head.method, head.uri.path(), received.len());
         let mut body = ResponseBody::from_chunks(vec![Bytes::from(text)]);
@@ -394,7 +426,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_body_waiting_on_the_app_is_never_cut() {
-        let slow_app = |_request, _started| async {
+        let slow_app = |_request, _started, _hints| async {
             let (sender, body) = ResponseBody::channel();
             tokio::spawn(async move {
                 tokio::time::sleep(WRITE_TIMEOUT * 3).await;
@@ -427,7 +459,7 @@ mod tests {
         let (mut client, server_io) = tokio::io::duplex(1 << 16);
         let activity = Activity::new();
         let io = WatchedIo::new(server_io, activity.clone());
-        let session = H2Session::new(io, &H2Settings::default(), WRITE_TIMEOUT, activity, echo);
+        let session = H2Session::new(io, &options(false), activity, echo);
         tokio::spawn(async move {
             let _ = session.await;
         });
@@ -481,5 +513,21 @@ mod tests {
             !goaways.contains(&u32::from(h2::Reason::ENHANCE_YOUR_CALM)),
             "{goaways:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn early_hints_go_out_as_informational_headers_before_the_response() {
+        let mut client = client_for(echo).await;
+        let (mut response, _) = client
+            .send_request(request(Method::GET, "/hints"), true)
+            .unwrap();
+        let hint = std::future::poll_fn(|cx| response.poll_informational(cx))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(hint.status(), StatusCode::EARLY_HINTS);
+        let links: Vec<_> = hint.headers().get_all("link").iter().collect();
+        assert_eq!(links, ["</a.css>; rel=preload", "</b.js>; rel=preload"]);
+        assert_eq!(response.await.unwrap().status(), StatusCode::OK);
     }
 }

@@ -24,6 +24,7 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use super::session::ConnectionShared;
+use crate::interim::InterimReceiver;
 use crate::response::ResponseBody;
 
 /// The largest capacity h2 accepts in one reservation (a window's maximum).
@@ -56,6 +57,8 @@ pin_project! {
         // HEAD: the head is sent, never a body.
         head_only: bool,
         finished: Finished,
+        // The app's 103 Early Hints, sent until the final response.
+        hints: Option<InterimReceiver>,
         #[pin]
         state: State<F>,
     }
@@ -74,12 +77,14 @@ impl<F> StreamTask<F> {
         respond: SendResponse<Bytes>,
         head_only: bool,
         finished: Finished,
+        hints: Option<InterimReceiver>,
         response: F,
     ) -> Self {
         Self {
             respond,
             head_only,
             finished,
+            hints,
             state: State::Waiting { response },
         }
     }
@@ -96,6 +101,11 @@ where
         loop {
             match this.state.as_mut().project() {
                 StateProj::Waiting { response } => {
+                    if let Some(hints) = this.hints {
+                        while let Poll::Ready(Some(fields)) = hints.poll_recv(cx) {
+                            send_early_hints(this.respond, fields);
+                        }
+                    }
                     let response = match response.poll(cx) {
                         Poll::Ready(response) => response,
                         // The client may cancel while the app works; the
@@ -104,6 +114,11 @@ where
                             return this.respond.poll_reset(cx).map(|_| StreamEnd::Done)
                         }
                     };
+                    if let Some(mut hints) = this.hints.take() {
+                        for fields in hints.close() {
+                            send_early_hints(this.respond, fields);
+                        }
+                    }
                     match send_head(this.respond, response, *this.head_only) {
                         Some((send, body)) => this.state.set(State::Sending {
                             pipe: BodyPipe::new(send, body),
@@ -114,6 +129,16 @@ where
                 StateProj::Sending { pipe } => return pipe.poll(cx, &this.finished.0),
             }
         }
+    }
+}
+
+/// Sends a `103 Early Hints` (informational HEADERS) ahead of the response.
+fn send_early_hints(respond: &mut SendResponse<Bytes>, fields: HeaderMap) {
+    let mut interim = Response::new(());
+    *interim.status_mut() = StatusCode::EARLY_HINTS;
+    *interim.headers_mut() = fields;
+    if let Err(e) = respond.send_informational(interim) {
+        tracing::debug!(error = %e, "could not send 103 Early Hints");
     }
 }
 
@@ -153,7 +178,7 @@ fn is_bodiless(status: StatusCode) -> bool {
 
 /// Removes the fields HTTP/2 forbids in a response (RFC 9113 §8.2.2), and
 /// any that `connection` names, as hyper does for its HTTP/2 responses.
-fn strip_connection_fields(headers: &mut HeaderMap) {
+pub(crate) fn strip_connection_fields(headers: &mut HeaderMap) {
     const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
     const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
     for name in [KEEP_ALIVE, PROXY_CONNECTION, TRANSFER_ENCODING, UPGRADE, TE] {

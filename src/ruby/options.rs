@@ -302,8 +302,8 @@ pub(crate) fn h2_settings(ruby: &Ruby, value: Option<Value>) -> Result<Option<H2
 }
 
 /// Worker keywords beyond the seed API: the limits and timeouts of
-/// docs/configuration.md.
-pub(crate) const LIMIT_KEYWORDS: [&str; 8] = [
+/// docs/configuration.md, and `early_hints`.
+pub(crate) const LIMIT_KEYWORDS: [&str; 9] = [
     "max_body_bytes",
     "max_uri_bytes",
     "max_header_bytes",
@@ -312,6 +312,7 @@ pub(crate) const LIMIT_KEYWORDS: [&str; 8] = [
     "write_timeout",
     "graceful_timeout",
     "max_keepalive_requests",
+    "early_hints",
 ];
 
 /// Applies the limit keywords left over after the seed ones; any other key is
@@ -350,11 +351,14 @@ pub(crate) fn apply_limit_keywords(
                         max => Some(max as u32),
                     }
             }
+            "early_hints" => {
+                options.early_hints = boolean(ruby, &key, Some(value))?.unwrap_or(false)
+            }
             _ => {
                 return Err(arg_error(
                     ruby,
                     format!(
-                        "unknown keyword: :{key} (limits accepted: {})",
+                        "unknown keyword: :{key} (also accepted: {})",
                         LIMIT_KEYWORDS.join(", ")
                     ),
                 ))

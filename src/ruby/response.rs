@@ -53,6 +53,12 @@ pub(crate) fn respond(ruby: &Ruby, rack_response: Value, reply: Reply<'_>) {
     close_body(body);
 }
 
+/// Header fields from a Rack headers object, converted and checked as a
+/// response's are (for `rack.early_hints`); `Err` says what is wrong.
+pub(crate) fn header_fields(ruby: &Ruby, headers: Value) -> Result<HeaderMap, String> {
+    convert_headers(ruby, headers).map_err(|Invalid(message)| message)
+}
+
 fn send_error(sender: oneshot::Sender<AppResponse>, message: &str) {
     tracing::error!("invalid Rack response: {message}");
     let _ = sender.send(AppResponse::plain(StatusCode::INTERNAL_SERVER_ERROR, false));
