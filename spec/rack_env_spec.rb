@@ -109,6 +109,24 @@ RSpec.describe "the Rack env" do
     expect(observed[:whole]).to eq(payload)
   end
 
+  # The spilled body's descriptor is handed to Ruby without running Ruby
+  # code, so nothing can raise in between and leak it (File.for_fd could).
+  it "leaks no descriptor when spilled bodies reach the app, even if File.for_fd would raise" do
+    allow(File).to receive(:for_fd).and_raise(IOError, "simulated failure while wrapping the body")
+    payload = "x".b * 1_200_000
+    sizes = []
+    app = ->(env) { sizes << env["rack.input"].size; [200, {}, ["ok"]] }
+    with_worker(app) do |port|
+      http_post(port, "/", payload) # warm-up: lazily opened descriptors
+      before = Dir.children("/proc/self/fd").size
+      codes = Array.new(20) { http_post(port, "/", payload).code }
+      GC.start # a leaked File would be closed here; a leaked bare descriptor would not
+      expect(codes.uniq).to eq(["200"])
+      expect(Dir.children("/proc/self/fd").size).to be <= before + 2
+    end
+    expect(sizes.uniq).to eq([payload.bytesize])
+  end
+
   it "gives every request a fresh env Hash" do
     envs = []
     app = ->(env) { envs << env; env["app.mark"] = envs.size; [200, {}, [""]] }

@@ -6,7 +6,9 @@
 pub mod body;
 pub mod connection;
 pub mod error;
+pub mod fork_safe;
 pub mod h2_settings;
+pub mod health;
 pub mod host;
 pub mod limits;
 pub mod listener;

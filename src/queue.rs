@@ -27,6 +27,16 @@ pub enum PushError<T> {
 struct State<T> {
     jobs: VecDeque<T>,
     closed: bool,
+    /// Jobs handed to consumers so far (the worker's liveness check watches it).
+    taken: u64,
+}
+
+impl<T> State<T> {
+    fn take(&mut self) -> Option<T> {
+        let job = self.jobs.pop_front()?;
+        self.taken += 1;
+        Some(job)
+    }
 }
 
 pub struct JobQueue<T> {
@@ -40,6 +50,7 @@ impl<T> JobQueue<T> {
             cell: WaitCell::new(State {
                 jobs: VecDeque::new(),
                 closed: false,
+                taken: 0,
             }),
             max_pending,
         }
@@ -61,7 +72,7 @@ impl<T> JobQueue<T> {
 
     /// Takes a job if one is waiting, without blocking.
     pub fn try_pop(&self) -> Option<T> {
-        self.cell.lock().jobs.pop_front()
+        self.cell.lock().take()
     }
 
     /// Blocks until a job arrives, the queue closes, or `interrupted` is raised.
@@ -69,8 +80,7 @@ impl<T> JobQueue<T> {
     pub fn pop(&self, interrupted: &AtomicBool) -> Pop<T> {
         let waited = self.cell.wait_until(interrupted, |state| {
             state
-                .jobs
-                .pop_front()
+                .take()
                 .map(Pop::Job)
                 .or_else(|| state.closed.then_some(Pop::Closed))
         });
@@ -97,6 +107,12 @@ impl<T> JobQueue<T> {
 
     pub fn len(&self) -> usize {
         self.cell.lock().jobs.len()
+    }
+
+    /// How many jobs wait, and how many were taken so far.
+    pub fn progress(&self) -> (usize, u64) {
+        let state = self.cell.lock();
+        (state.jobs.len(), state.taken)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -130,6 +146,7 @@ mod tests {
         assert_eq!(queue.push("b"), Err(PushError::Full("b")));
         assert_eq!(queue.try_pop(), Some("a"));
         queue.push("c").unwrap();
+        assert_eq!(queue.progress(), (1, 1));
     }
 
     #[test]

@@ -27,6 +27,7 @@ use crate::connection::{
 };
 use crate::error::Error;
 use crate::h2_settings::H2Settings;
+use crate::health::Health;
 use crate::limits::{check_head, Limits};
 use crate::listener::{AsyncListener, Listener};
 use crate::queue::{JobQueue, PushError};
@@ -88,6 +89,7 @@ pub struct Shared {
     pub queue: JobQueue<Job>,
     pub stop: StopSignal,
     pub options: ServerOptions,
+    pub health: Health,
 }
 
 impl Shared {
@@ -96,6 +98,7 @@ impl Shared {
             queue: JobQueue::new(max_pending),
             stop: StopSignal::default(),
             options,
+            health: Health::default(),
         })
     }
 }
@@ -172,8 +175,9 @@ impl Server {
     }
 }
 
-/// Runs one accept loop per endpoint until a stop, then waits (up to
-/// `graceful_timeout`) for the connections of all of them to finish.
+/// Runs one accept loop per endpoint until a stop, then waits (until
+/// `graceful_timeout` after the stop began) for the connections of all of
+/// them to finish.
 async fn serve_endpoints(
     endpoints: Vec<(AsyncListener, Arc<ServerInfo>, Option<TlsAcceptor>)>,
     shared: Arc<Shared>,
@@ -197,7 +201,8 @@ async fn serve_endpoints(
             error!(error = %e, "an accept loop ended abnormally");
         }
     }
-    if timeout(shared.options.graceful_timeout, connections.drained())
+    let deadline = shared.stop.deadline(shared.options.graceful_timeout);
+    if timeout_at(Instant::from_std(deadline), connections.drained())
         .await
         .is_err()
     {
@@ -218,6 +223,7 @@ async fn accept_loop(
 ) {
     let stopped = shared.stop.stopped();
     tokio::pin!(stopped);
+    let _running = shared.health.accept_loop();
     loop {
         let accepted = tokio::select! {
             biased;

@@ -6,8 +6,12 @@ module Hyperion
   # A thread beside a running Worker, in the worker's own process. It turns
   # the signals the Worker does not handle itself into actions and, in a
   # cluster, beats the heart the master listens to: a byte down a pipe every
-  # `interval` seconds ("b" once the worker serves). When the master is gone
-  # (the parent pid changed) it stops the worker, so nothing is orphaned.
+  # `interval` seconds ("b" once the worker serves). A beat is only sent while
+  # `Worker#healthy?` says the worker still serves (its I/O runtime runs,
+  # it accepts, it has app threads that take queued requests), so a wedged
+  # worker falls silent and the master replaces it after worker_timeout.
+  # When the master is gone (the parent pid changed) it stops the worker, so
+  # nothing is orphaned.
   class WorkerMonitor
     def initialize(signals:, interval:, on_signal:, heartbeat: nil, master_pid: nil)
       @signals = SignalQueue.new(signals)
@@ -48,7 +52,7 @@ module Hyperion
       loop do
         names, = @signals.wait(@interval)
         names.each { |name| @on_signal.call(name, @worker) }
-        beat("h")
+        beat("h") if @worker.healthy?
         next unless @master_pid && Process.ppid != @master_pid
 
         warn "hyperion: worker #{Process.pid}: the master (pid #{@master_pid}) is gone; stopping"

@@ -1,7 +1,7 @@
 //! Builds a fresh Rack env Hash per request: the superset that Rack 2.2 and
 //! Rack 3 apps both accept (see the README's env table).
 
-use std::os::fd::IntoRawFd;
+use std::os::fd::{FromRawFd, IntoRawFd};
 
 use http::{HeaderMap, Method, Version};
 use magnus::prelude::*;
@@ -197,12 +197,41 @@ fn input_value(
         RequestBody::Memory(bytes) => ruby
             .get_inner(&STRING_IO)
             .new_instance((ruby.str_from_slice(&bytes),)),
-        RequestBody::File { file, .. } => {
-            // The File object takes ownership of the descriptor (autoclose).
-            let fd = file.into_raw_fd();
-            ruby.get_inner(&FILE).funcall("for_fd", (fd, "rb"))
-        }
+        RequestBody::File { file, .. } => spilled_body_file(file),
     }
+}
+
+/// Wraps a spilled body's descriptor in a binary Ruby File that owns it.
+/// Made with `rb_io_fdopen`, which runs no Ruby code and checks no
+/// interrupts: `File.for_fd` could raise (a `Thread#raise` arriving) either
+/// before it took the descriptor, leaking it, or after, and then closing it
+/// here would close it twice.
+fn spilled_body_file(file: std::fs::File) -> Result<Value, Error> {
+    let fd = file.into_raw_fd();
+    let io = magnus::rb_sys::protect(|| {
+        // SAFETY: called with the GVL held; `fd` is an open descriptor that
+        // nothing else owns; the path is a NUL-terminated literal that Ruby
+        // copies. A raise (only NoMemoryError) is caught by rb_protect.
+        unsafe {
+            rb_sys::rb_io_fdopen(
+                fd,
+                nix::libc::O_RDONLY,
+                c"rack.input (unlinked temporary file)".as_ptr(),
+            )
+        }
+    })
+    .inspect_err(|_| {
+        // SAFETY: the File was not created, so `fd` is still ours alone.
+        drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+    })?;
+    // From here the File owns the descriptor (closed when it is collected).
+    magnus::rb_sys::protect(|| {
+        // SAFETY: `io` is the live File just created (on this stack); with
+        // the GVL held. Makes reads return binary (ASCII-8BIT) Strings.
+        unsafe { rb_sys::rb_io_ascii8bit_binmode(io) }
+    })?;
+    // SAFETY: `io` is a live VALUE on this stack.
+    Ok(unsafe { <Value as magnus::rb_sys::FromRawValue>::from_raw(io) })
 }
 
 fn stderr() -> Value {
