@@ -55,9 +55,19 @@ RSpec.describe "hostile HTTP/1.1 input" do
     ["TLS handshake bytes on the plain port", tls_client_hello, [400, closed]],
     ["HTTP/1.1 without Host", "GET /nohost HTTP/1.1\r\n\r\n", [400]],
     ["HTTP/1.1 with two Host headers", "GET /twohost HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", [400]],
+    ["an absolute-form target with userinfo (RFC 9110 4.2.4)",
+     "GET http://user@a.example/userinfo HTTP/1.1\r\nHost: a.example\r\n\r\n", [400]],
     ['Expect "something-else"',
      "POST /expect HTTP/1.1\r\nHost: x\r\nExpect: something-else\r\nContent-Length: 5\r\n\r\nhello", [417]]
   ]
+
+  # Host values that are not `uri-host [ ":" port ]` (RFC 9110 7.2, RFC 3986 3.2.2): 400 (RFC 9112 3.2).
+  [
+    "a b", "a/b", "a@b", "a?b", "a#b", "a\\b", "x:abc", "x:99999", "x:1:2", "[::1", "::1", "[::1]x", "[not-ipv6]",
+    ":80", "%zz", "a%4", "h\xC3\xA9.example".b, "a\tb"
+  ].each do |host|
+    refused << ["the malformed Host #{host.inspect}", "GET /badhost HTTP/1.1\r\nHost: #{host}\r\n\r\n", [400]]
+  end
 
   # [name, Worker keywords, request bytes (sent as they are), expected status]
   over_limit = [
@@ -192,6 +202,18 @@ RSpec.describe "hostile HTTP/1.1 input" do
         end
       end
     end
+  end
+
+  it "accepts every well-formed Host, and an empty one (RFC 9112 3.2: a target without authority)" do
+    hosts = ["", "x", "x:", "x:0", "x:65535", "127.0.0.1:8080", "[::1]:9292", "[::ffff:1.2.3.4]", "[v7.fe:x]",
+             "a-b_c.~!$&'()*+,;=%41.example", "xn--bcher-kva.example"]
+    with_worker(app) do |port|
+      hosts.each do |host|
+        raw = raw_exchange(port, "GET /goodhost HTTP/1.1\r\nHost: #{host}\r\nConnection: close\r\n\r\n", wait: 2)
+        expect(status_of(raw)).to eq(200), "Host #{host.inspect}: the server wrote #{shown(raw)}"
+      end
+    end
+    expect(recorded_calls.map { |c| c[:path] }).to eq(["/goodhost"] * hosts.size)
   end
 
   # RFC 9112 2.2 lets a recipient accept a bare LF as a line terminator, and

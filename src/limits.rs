@@ -6,6 +6,8 @@ use http::header::{CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING};
 use http::request::Parts;
 use http::{StatusCode, Version};
 
+use crate::host::parse_host_and_port;
+
 /// Size limits. Defaults follow Puma's parser (12 KiB target, 112 KiB of
 /// headers) and nginx's header-count sense; the body limit is generous
 /// because uploads go to a temp file, not memory.
@@ -57,6 +59,20 @@ pub fn check_head(head: &Parts, limits: &Limits) -> Result<(), Rejection> {
     }
     if hosts == 0 && head.version == Version::HTTP_11 {
         return reject(StatusCode::BAD_REQUEST, "HTTP/1.1 request without Host");
+    }
+    // An empty Host is what a client sends for a target without authority
+    // (RFC 9112 §3.2); anything else must be `host[:port]`.
+    if let Some(host) = head.headers.get(HOST) {
+        if !host.is_empty() && parse_host_and_port(host.as_bytes()).is_none() {
+            return reject(StatusCode::BAD_REQUEST, "malformed Host header");
+        }
+    }
+    // The same grammar for an absolute-form target (or HTTP/2's :authority),
+    // which also refuses userinfo (RFC 9110 §4.2.4).
+    if let Some(authority) = head.uri.authority() {
+        if parse_host_and_port(authority.as_str().as_bytes()).is_none() {
+            return reject(StatusCode::BAD_REQUEST, "malformed authority in the target");
+        }
     }
     let mut expectations = head.headers.get_all(EXPECT).iter();
     if let Some(expect) = expectations.next() {
@@ -129,6 +145,28 @@ mod tests {
         );
         let http10 = head(&[], "/", Version::HTTP_10);
         assert!(check_head(&http10, &Limits::default()).is_ok());
+        assert_eq!(
+            status(&[("host", "")]),
+            None,
+            "empty: a target without authority"
+        );
+        assert_eq!(status(&[("host", "[::1]:80")]), None);
+        for bad in ["a b", "a/b", "a@b", "x:abc", "x:99999", "[::1"] {
+            assert_eq!(
+                status(&[("host", bad)]),
+                Some(StatusCode::BAD_REQUEST),
+                "{bad}"
+            );
+        }
+        let userinfo = head(&[("host", "a")], "http://u@a/", Version::HTTP_11);
+        assert_eq!(
+            check_head(&userinfo, &Limits::default())
+                .unwrap_err()
+                .status,
+            StatusCode::BAD_REQUEST
+        );
+        let absolute = head(&[("host", "other")], "http://a:81/", Version::HTTP_11);
+        assert!(check_head(&absolute, &Limits::default()).is_ok());
     }
 
     #[test]
@@ -204,6 +242,16 @@ mod tests {
             let parts = head(&[("host", "a")], &path, Version::HTTP_11);
             let rejected = check_head(&parts, &limits).is_err();
             prop_assert_eq!(rejected, path.len() > max);
+        }
+
+        #[test]
+        fn any_host_value_is_checked_without_panicking(host in proptest::collection::vec(any::<u8>(), 0..40)) {
+            if let Ok(value) = http::HeaderValue::from_bytes(&host) {
+                let mut parts = head(&[], "/", Version::HTTP_11);
+                parts.headers.insert(HOST, value);
+                let refused = check_head(&parts, &Limits::default()).is_err();
+                prop_assert_eq!(refused, !host.is_empty() && parse_host_and_port(&host).is_none());
+            }
         }
 
         #[test]
