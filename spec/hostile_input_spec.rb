@@ -34,7 +34,13 @@ RSpec.describe "hostile HTTP/1.1 input" do
      "POST /te HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n", [400]],
     ['Transfer-Encoding "gzip, chunked" (a coding Hyperion does not decode)',
      "POST /te HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", [501]],
-    ['an unknown Transfer-Encoding "foo"', "POST /te HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: foo\r\n\r\nhello", [501, 400]],
+    # chunked is not the final coding, so the body cannot be framed: RFC 9112
+    # 6.3 says 400 and close (a MUST, over 6.1's "SHOULD 501" for unknown codings).
+    ['an unknown Transfer-Encoding "foo"', "POST /te HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: foo\r\n\r\nhello", [400]],
+    ['Transfer-Encoding "chunked, chunked" (chunked applied twice, RFC 9112 6.1)',
+     "POST /te HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n", [400]],
+    ["two Transfer-Encoding: chunked lines",
+     "POST /te HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", [400]],
     ['chunk size "+5"', "#{chunked_post}+5\r\nhello\r\n0\r\n\r\n", [400]],
     ['chunk size "0x5"', "#{chunked_post}0x5\r\nhello\r\n0\r\n\r\n", [400]],
     ['chunk size "5zz"', "#{chunked_post}5zz\r\nhello\r\n0\r\n\r\n", [400]],

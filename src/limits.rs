@@ -98,19 +98,35 @@ pub fn check_head(head: &Parts, limits: &Limits) -> Result<(), Rejection> {
     Ok(())
 }
 
-/// hyper decodes `chunked` and refuses a final coding other than chunked;
-/// any other coding before it (`gzip, chunked`) would reach the app still
-/// encoded, so it is refused as not implemented.
+/// hyper decodes `chunked` and refuses (400) a request whose final coding is
+/// not chunked, as RFC 9112 §6.3 requires. Chunked applied twice
+/// (`chunked, chunked`, or two such lines) cannot be framed as the client
+/// meant (RFC 9112 §6.1 forbids it): 400. Any other coding before the final
+/// chunked (`gzip, chunked`) would reach the app still encoded: 501, as §6.1
+/// advises for a coding the server does not understand.
 fn unsupported_transfer_coding(head: &Parts) -> Option<Rejection> {
-    let mut codings = head
+    let codings = head
         .headers
         .get_all(TRANSFER_ENCODING)
         .iter()
         .flat_map(|value| value.as_bytes().split(|&b| b == b','))
         .map(|coding| coding.trim_ascii())
         .filter(|coding| !coding.is_empty());
-    let only_chunked = codings.all(|coding| coding.eq_ignore_ascii_case(b"chunked"));
-    (!only_chunked).then_some(Rejection {
+    let (mut chunked, mut other) = (0, 0);
+    for coding in codings {
+        if coding.eq_ignore_ascii_case(b"chunked") {
+            chunked += 1;
+        } else {
+            other += 1;
+        }
+    }
+    if chunked > 1 {
+        return Some(Rejection {
+            status: StatusCode::BAD_REQUEST,
+            reason: "chunked transfer coding applied more than once",
+        });
+    }
+    (other > 0).then_some(Rejection {
         status: StatusCode::NOT_IMPLEMENTED,
         reason: "transfer coding other than chunked",
     })
@@ -225,6 +241,18 @@ mod tests {
             ]),
             Some(StatusCode::NOT_IMPLEMENTED)
         );
+        assert_eq!(
+            status(&[("host", "a"), ("transfer-encoding", "chunked, Chunked")]),
+            Some(StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(
+            status(&[
+                ("host", "a"),
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked")
+            ]),
+            Some(StatusCode::BAD_REQUEST)
+        );
     }
 
     proptest! {
@@ -242,6 +270,22 @@ mod tests {
             let parts = head(&[("host", "a")], &path, Version::HTTP_11);
             let rejected = check_head(&parts, &limits).is_err();
             prop_assert_eq!(rejected, path.len() > max);
+        }
+
+        #[test]
+        fn codings_decide_by_how_often_chunked_appears(codings in proptest::collection::vec(
+            prop_oneof![Just("chunked"), Just("CHUNKED"), Just("gzip"), Just("x-custom")], 1..6)
+        ) {
+            let value = codings.join(", ");
+            let chunked = codings.iter().filter(|c| c.eq_ignore_ascii_case("chunked")).count();
+            let expected = if chunked > 1 {
+                Some(StatusCode::BAD_REQUEST)
+            } else if chunked < codings.len() {
+                Some(StatusCode::NOT_IMPLEMENTED)
+            } else {
+                None
+            };
+            prop_assert_eq!(status(&[("host", "a"), ("transfer-encoding", &value)]), expected);
         }
 
         #[test]
