@@ -40,6 +40,18 @@ RSpec.describe "HTTP/1.1 against slow and greedy clients" do
     end
   end
 
+  describe "max_request_read_seconds" do
+    it "also bounds the head: a stalled head gets 408 and close after it, though read_timeout is longer" do
+      hello = File.join(ServerHelpers::ROOT, "examples/hello.ru")
+      with_cli("--max-request-read-seconds", "1", "--read-timeout", "60", hello) do |port|
+        socket = connect(port)
+        socket.write("GET /stall HT")
+        expect(read_all(socket, 20)).to start_with("HTTP/1.1 408").and include("connection: close")
+        expect(socket.read_nonblock(1, exception: false)).to be_nil # closed, not merely quiet
+      end
+    end
+  end
+
   it "closes an idle keep-alive connection quietly after idle_timeout" do
     with_worker(app, idle_timeout: 0.3) do |port|
       socket = connect(port)

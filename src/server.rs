@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 
 use bytes::Bytes;
 use hyper::body::Incoming;
@@ -306,8 +306,7 @@ where
         unsafe { write_request_timeout(fd) };
         return;
     };
-    let raw_fd = (protocol == Protocol::Http1).then_some(fd);
-    serve_connection(stream, protocol, prefix, raw_fd, peer, info, shared).await
+    serve_connection(stream, protocol, prefix, peer, info, shared).await
 }
 
 /// Runs the TLS handshake (bounded by `read_timeout`), then serves. A failed
@@ -336,20 +335,15 @@ async fn serve_tls<S>(
         Some(b"h2") => Protocol::Http2,
         _ => Protocol::Http1,
     };
-    // No raw 408 under TLS: it would have to be encrypted; a timed-out head
-    // just closes.
-    serve_connection(stream, protocol, Bytes::new(), None, peer, info, shared).await
+    serve_connection(stream, protocol, Bytes::new(), peer, info, shared).await
 }
 
 /// Serves one connection until it ends, in `protocol` (HTTP/1.1 or 2);
-/// `prefix` holds bytes already read from it. `plaintext_fd` is the socket's
-/// descriptor when bytes can be written to it directly (not TLS).
-#[allow(clippy::too_many_arguments)]
+/// `prefix` holds bytes already read from it.
 async fn serve_connection<S>(
     stream: S,
     protocol: Protocol,
     prefix: Bytes,
-    plaintext_fd: Option<RawFd>,
     peer: Peer,
     info: Arc<ServerInfo>,
     shared: Arc<Shared>,
@@ -394,11 +388,12 @@ async fn serve_connection<S>(
     let start = session_starter(protocol, options, service);
     let timeouts = Timeouts {
         read: options.read_timeout,
+        max_request_read: options.max_request_read,
         idle: options.idle_timeout,
         write: options.write_timeout,
     };
     let io = WatchedIo::with_prefix(stream, activity.clone(), prefix);
-    serve(io, start, plaintext_fd, activity, timeouts, &shared.stop).await;
+    serve(io, start, activity, timeouts, &shared.stop).await;
 }
 
 /// Requests whose body the app reads while it still arrives (gRPC over
