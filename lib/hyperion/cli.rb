@@ -35,7 +35,9 @@ module Hyperion
       ["--max-keepalive-requests COUNT", :max_keepalive_requests, Integer,
        "Close an HTTP/1.1 connection after this many requests, 0 for no limit (default 1000)"],
       ["--max-pending COUNT", :max_pending, Integer,
-       "Requests allowed to wait for a thread before new ones get 503 (default: no limit)"]
+       "Requests allowed to wait for a thread before new ones get 503 (default: no limit)"],
+      ["--max-connections COUNT", :max_connections, Integer,
+       "Connections a worker serves at once; beyond it, it stops accepting until one closes (default: no limit)"]
     ].freeze
 
     def initialize(argv, out: $stdout, err: $stderr)
