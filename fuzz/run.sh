@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Property-based fuzzing of every input Hyperion parses itself: Host/authority
-# splitting and SERVER_NAME/PORT, header name → env key, the request checks
-# (limits, Host/Expect rules, transfer codings) and the body size limit.
+# Property-based fuzzing of every input Hyperion parses itself: the Host /
+# authority grammar (`host[:port]`, RFC 3986) and SERVER_NAME/PORT, header
+# name → env key, the request checks (limits, Host/Expect rules, transfer
+# codings) and the body size limit.
 # HTTP framing itself (chunks, Content-Length, request lines) is hyper's.
 #
 #   fuzz/run.sh [SECONDS]     (default 600)

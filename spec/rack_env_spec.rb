@@ -57,6 +57,14 @@ RSpec.describe "the Rack env" do
       .to include("SERVER_NAME" => "example.test", "SERVER_PORT" => "80")
   end
 
+  it "takes SERVER_NAME, SERVER_PORT and HTTP_HOST from an absolute-form target, not from Host (RFC 9112 3.2.2)" do
+    expect(env_for("GET http://a.example/x?q=1 HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n"))
+      .to include("SERVER_NAME" => "a.example", "SERVER_PORT" => "80", "HTTP_HOST" => "a.example",
+                  "PATH_INFO" => "/x", "QUERY_STRING" => "q=1", "REQUEST_URI" => "/x?q=1")
+    expect(env_for("GET http://[::1]:8080/ HTTP/1.1\r\nHost: other.example:9000\r\nConnection: close\r\n\r\n"))
+      .to include("SERVER_NAME" => "[::1]", "SERVER_PORT" => "8080", "HTTP_HOST" => "[::1]:8080")
+  end
+
   it "falls back to the bound address without a Host header" do
     with_worker(TestApps.env_dump) do |port|
       _status, _headers, body = parse_responses(raw_exchange(port, "GET / HTTP/1.0\r\n\r\n")).first

@@ -13,6 +13,9 @@ module Hyperion
   # When the master is gone (the parent pid changed) it stops the worker, so
   # nothing is orphaned.
   class WorkerMonitor
+    # Queued by #stop after whatever is pending: the thread ends on it.
+    FINISH = :finish
+
     def initialize(signals:, interval:, on_signal:, heartbeat: nil, master_pid: nil)
       @signals = SignalQueue.new(signals)
       @interval = interval
@@ -41,8 +44,11 @@ module Hyperion
       @signals.push(name)
     end
 
+    # Handles what is already queued (a STOP notice must still reach
+    # systemd), then ends the thread.
     def stop
-      @thread&.kill
+      @signals.push(FINISH)
+      @thread&.join(5) || @thread&.kill
       @signals.close
     end
 
@@ -51,7 +57,11 @@ module Hyperion
     def watch
       loop do
         names, = @signals.wait(@interval)
-        names.each { |name| @on_signal.call(name, @worker) }
+        names.each do |name|
+          return if name == FINISH
+
+          @on_signal.call(name, @worker)
+        end
         beat("h") if @worker.healthy?
         next unless @master_pid && Process.ppid != @master_pid
 

@@ -10,7 +10,7 @@ use magnus::{Error, IntoValue, RHash, RString, Ruby, Value};
 
 use super::keys::*;
 use crate::body::RequestBody;
-use crate::host::{env_header_key, server_name_and_port, EnvHeaderKey};
+use crate::host::{env_header_key, request_authority, server_name_and_port, EnvHeaderKey};
 use crate::request::RequestData;
 
 /// Per-worker values that every env carries.
@@ -60,22 +60,20 @@ pub(crate) fn build_env(
     set(&SERVER_SOFTWARE, ruby.get_inner(&SOFTWARE).as_value())?;
     set(&REMOTE_ADDR, bytes(remote_addr.as_bytes()))?;
 
-    let authority = head
-        .headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| head.uri.authority().map(|a| a.as_str()));
-    let (name, port) =
-        server_name_and_port(authority, server.default_port(), &server.host, server.port);
+    let (name, port) = server_name_and_port(
+        request_authority(&head),
+        server.default_port(),
+        &server.host,
+        server.port,
+    );
     set(&SERVER_NAME, bytes(name.as_bytes()))?;
     set(&SERVER_PORT, bytes(port.as_bytes()))?;
 
     set_headers(ruby, env, &head.headers, &body)?;
-    // HTTP/2 carries the host in :authority; give apps their HTTP_HOST.
-    if !head.headers.contains_key(http::header::HOST) {
-        if let Some(authority) = head.uri.authority() {
-            set(&HTTP_HOST, bytes(authority.as_str().as_bytes()))?;
-        }
+    // The target's authority (absolute form, HTTP/2's :authority) wins over
+    // a Host header (RFC 9112 §3.2.2), and is HTTP/2's only host.
+    if let Some(authority) = head.uri.authority() {
+        set(&HTTP_HOST, bytes(authority.as_str().as_bytes()))?;
     }
 
     set(

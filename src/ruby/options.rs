@@ -311,7 +311,7 @@ pub(crate) fn h2_settings(ruby: &Ruby, value: Option<Value>) -> Result<Option<H2
 
 /// Worker keywords beyond the seed API: the limits and timeouts of
 /// docs/configuration.md.
-pub(crate) const LIMIT_KEYWORDS: [&str; 8] = [
+pub(crate) const LIMIT_KEYWORDS: [&str; 9] = [
     "max_body_bytes",
     "max_uri_bytes",
     "max_header_bytes",
@@ -320,6 +320,7 @@ pub(crate) const LIMIT_KEYWORDS: [&str; 8] = [
     "write_timeout",
     "graceful_timeout",
     "max_keepalive_requests",
+    "max_connections",
 ];
 
 /// Applies the limit keywords left over after the seed ones; any other key is
@@ -359,6 +360,11 @@ fn apply_limit_keyword(
                 0 => None,
                 max => Some(max as u32),
             }
+        }
+        // nil means no limit.
+        "max_connections" => {
+            options.max_connections = optional_integer(ruby, key, Some(value), 1, u32::MAX as i64)?
+                .map(|max| max as usize)
         }
         _ => {
             return Err(arg_error(
