@@ -5,6 +5,7 @@
 
 pub mod body;
 pub mod connection;
+pub mod dispatch;
 pub mod error;
 pub mod fork_safe;
 pub mod h2_settings;
@@ -13,7 +14,6 @@ pub mod host;
 pub mod limits;
 pub mod listener;
 pub mod logging;
-pub mod queue;
 pub mod request;
 pub mod response;
 pub mod server;

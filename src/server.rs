@@ -26,12 +26,12 @@ use crate::body::{discard_briefly, read_body, stream_body, BodyError, RequestBod
 use crate::connection::{
     serve, write_request_timeout, Activity, ConnectionCount, ConnectionGuard, Timeouts, WatchedIo,
 };
+use crate::dispatch::{Dispatcher, Policy, PushError};
 use crate::error::Error;
 use crate::h2_settings::H2Settings;
 use crate::health::Health;
 use crate::limits::{check_head, Limits};
 use crate::listener::{AsyncListener, Listener};
-use crate::queue::{JobQueue, PushError};
 use crate::request::{Job, RequestData, ServerInfo};
 use crate::response::{plain_response, ResponseBody};
 use crate::session::{session_starter, sniff, Protocol, TrackedBody};
@@ -93,7 +93,8 @@ impl Default for ServerOptions {
 
 /// State shared by the tokio side and the Ruby threads.
 pub struct Shared {
-    pub queue: JobQueue<Job>,
+    /// Requests waiting for an app thread, and the policy that wakes them.
+    pub queue: Dispatcher<Job>,
     pub stop: StopSignal,
     pub options: ServerOptions,
     pub health: Health,
@@ -102,7 +103,7 @@ pub struct Shared {
 impl Shared {
     pub fn new(options: ServerOptions, max_pending: Option<usize>) -> Arc<Self> {
         Arc::new(Self {
-            queue: JobQueue::new(max_pending),
+            queue: Dispatcher::new(max_pending, Policy::default()),
             stop: StopSignal::default(),
             options,
             health: Health::default(),
@@ -533,7 +534,7 @@ async fn handle_request(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::Pop;
+    use crate::dispatch::Pop;
     use crate::response::AppResponse;
     use bytes::Bytes;
     use std::io::{Read, Write};
@@ -576,7 +577,8 @@ mod tests {
             let shared = shared.clone();
             std::thread::spawn(move || {
                 let flag = AtomicBool::new(false);
-                while let Pop::Job(job) = shared.queue.pop(&flag) {
+                let consumer = shared.queue.consumer();
+                while let Pop::Job(job) = shared.queue.pop(&consumer, &flag) {
                     let text = format!(
                         "{} {} {} {}:{}",
                         job.request.head.method,

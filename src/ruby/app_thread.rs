@@ -1,7 +1,7 @@
 //! The Ruby threads that run the app. Each waits for a job without the GVL,
 //! then builds the env, calls the app and hands the response back, all under
 //! the GVL. Jobs already queued are taken without releasing the GVL between
-//! them.
+//! them; which thread is woken for a new job is `crate::dispatch`'s policy.
 //!
 //! An app thread outlives every exception: one raised into it while it idles
 //! (`Thread#raise`, a late `Timeout`, rack-timeout) is logged and it goes on
@@ -20,7 +20,7 @@ use super::env::{build_env, EnvFlags};
 use super::errors::{is_non_local_exit, log_exception};
 use super::nogvl::wait_interruptibly;
 use super::response::{respond, Reply};
-use crate::queue::Pop;
+use crate::dispatch::{Consumer, Pop};
 use crate::request::Job;
 use crate::response::AppResponse;
 use crate::server::Shared;
@@ -58,8 +58,9 @@ pub(crate) fn serve(ruby: &Ruby, context: &AppContext, index: usize) -> Result<(
 
 fn serve_jobs(ruby: &Ruby, context: &AppContext) -> Result<(), Error> {
     let app = ruby.get_inner(context.app);
+    let consumer = context.shared.queue.consumer();
     loop {
-        match next_job(context) {
+        match next_job(context, &consumer) {
             Ok(Some(job)) => run_job(ruby, context, app, job)?,
             Ok(None) => return Ok(()),
             Err(e) if is_non_local_exit(&e) => return Err(e),
@@ -71,21 +72,23 @@ fn serve_jobs(ruby: &Ruby, context: &AppContext) -> Result<(), Error> {
     }
 }
 
-/// The next job, waiting for one without the GVL; `None` once the queue is
-/// closed. An error is what an interrupt raised during the wait.
-fn next_job(context: &AppContext) -> Result<Option<Job>, Error> {
+/// The next job: one already queued is taken with the GVL still held (this
+/// thread stays the hot one, see `crate::dispatch`); otherwise waits for one
+/// without the GVL. `None` once the queue is closed. An error is what an
+/// interrupt raised during the wait.
+fn next_job(context: &AppContext, consumer: &Consumer<'_, Job>) -> Result<Option<Job>, Error> {
     let queue = &context.shared.queue;
-    if let Some(job) = queue.try_pop() {
+    if let Some(job) = queue.try_pop(consumer) {
         return Ok(Some(job));
     }
     let _idle = context.shared.health.idle_thread();
     wait_interruptibly(
-        |flag| match queue.pop(flag) {
+        |flag| match queue.pop(consumer, flag) {
             Pop::Job(job) => Some(Some(job)),
             Pop::Closed => Some(None),
             Pop::Interrupted => None,
         },
-        |flag| queue.interrupt(flag),
+        |flag| queue.interrupt(consumer, flag),
     )
 }
 

@@ -344,6 +344,7 @@ fn serve(ruby: &Ruby, rb_self: Obj<Worker>, endpoints: Vec<Endpoint>) -> Result<
         events: worker.stop_requests,
         env_flags: worker.settings.env_flags,
     });
+    let watchdog = start_dispatch_watchdog(shared);
     let threads = ruby.ary_new_capa(worker.settings.thread_count);
     let result = (0..worker.settings.thread_count)
         .try_for_each(|index| spawn_app_thread(ruby, rb_self, &context, threads, index))
@@ -357,6 +358,9 @@ fn serve(ruby: &Ruby, rb_self: Obj<Worker>, endpoints: Vec<Endpoint>) -> Result<
         |_| cancel.notify_one(),
     );
     shared.queue.close();
+    if let Some(watchdog) = watchdog {
+        let _ = watchdog.join();
+    }
     tracing::debug!("stopping: joining app threads");
     let deadline = shared.stop.deadline(shared.options.graceful_timeout);
     let joined = join_app_threads(threads, deadline);
@@ -366,6 +370,18 @@ fn serve(ruby: &Ruby, rb_self: Obj<Worker>, endpoints: Vec<Endpoint>) -> Result<
     *lock(&worker.runtime) = None;
     let stopped = run_bounded_without_gvl(move || server.shutdown());
     result.and(drained).and(joined).and(stopped)
+}
+
+/// Starts the dispatcher's watchdog (see `crate::dispatch`) on a plain
+/// thread that never touches Ruby; it ends when the queue closes. Without
+/// it the worker still serves, waking a thread only when none runs.
+fn start_dispatch_watchdog(shared: &Arc<Shared>) -> Option<std::thread::JoinHandle<()>> {
+    let shared = Arc::clone(shared);
+    std::thread::Builder::new()
+        .name("hyperion-dispatch".into())
+        .spawn(move || shared.queue.watch())
+        .inspect_err(|e| tracing::error!("could not start the dispatch watchdog: {e}"))
+        .ok()
 }
 
 /// Waits in Ruby (so signal traps run) for a stop; replaces app threads that
