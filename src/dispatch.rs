@@ -87,13 +87,21 @@ enum Phase {
     Away,
 }
 
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    cpu: Duration,
+    at: Instant,
+    /// Looks in a row that found the thread not using the CPU.
+    quiet: u32,
+}
+
 /// A consumer thread as the dispatcher knows it.
 struct Slot {
     phase: Phase,
     wake: Arc<Condvar>,
     clock: Option<ThreadClock>,
-    /// CPU time and wall time of the watchdog's last look.
-    sampled: Option<(Duration, Instant)>,
+    /// The watchdog's last look at the thread's CPU clock.
+    sampled: Option<Sample>,
     live: bool,
 }
 
@@ -328,33 +336,51 @@ impl<T> Dispatcher<T> {
     /// all have been on their job for `long_job`.
     fn should_add_thread(&self, state: &mut State<T>) -> bool {
         let now = Instant::now();
-        let mut any_busy = false;
-        let mut all_long = true;
-        let mut judged = false;
+        let mut running = 0;
+        let mut blocked = 0;
+        let mut long = 0;
         for slot in state.slots.iter_mut().filter(|s| s.live) {
             let Phase::Running { since } = slot.phase else {
                 continue;
             };
-            all_long &= now.duration_since(since) >= self.policy.long_job;
-            let Some(cpu) = slot.clock.as_ref().and_then(ThreadClock::cpu_time) else {
-                any_busy = true; // no clock: never take it for blocked
-                continue;
-            };
-            let previous = slot.sampled.replace((cpu, now));
-            let Some((cpu_before, at)) = previous else {
-                any_busy = true; // first look: no delta yet
-                continue;
-            };
-            judged = true;
-            let wall = now.duration_since(at).as_secs_f64();
-            let used = cpu.saturating_sub(cpu_before).as_secs_f64();
-            if used >= wall * self.policy.busy_share
-                || slot.clock.as_ref().is_some_and(ThreadClock::is_runnable)
-            {
-                any_busy = true;
+            running += 1;
+            if now.duration_since(since) >= self.policy.long_job {
+                long += 1;
+            }
+            if self.looks_blocked(slot, now) {
+                blocked += 1;
             }
         }
-        (judged && !any_busy) || all_long
+        running > 0 && (blocked == running || long == running)
+    }
+
+    /// Whether a running thread is blocked: it used less than `busy_share`
+    /// of the CPU for two looks in a row and the kernel does not have it
+    /// runnable. The /proc read is only paid for a thread that looks quiet.
+    fn looks_blocked(&self, slot: &mut Slot, now: Instant) -> bool {
+        let Some(clock) = slot.clock.as_ref() else {
+            return false; // no clock: never taken for blocked
+        };
+        let Some(cpu) = clock.cpu_time() else {
+            return false;
+        };
+        let Some(sample) = slot.sampled.replace(Sample {
+            cpu,
+            at: now,
+            quiet: 0,
+        }) else {
+            return false; // first look: no delta yet
+        };
+        let wall = now.duration_since(sample.at).as_secs_f64();
+        let used = cpu.saturating_sub(sample.cpu).as_secs_f64();
+        if used >= wall * self.policy.busy_share {
+            return false;
+        }
+        let quiet = sample.quiet + 1;
+        if let Some(current) = slot.sampled.as_mut() {
+            current.quiet = quiet;
+        }
+        quiet >= 2 && !clock.is_runnable()
     }
 }
 
