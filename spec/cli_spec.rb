@@ -49,6 +49,15 @@ RSpec.describe "bin/hyperion" do
     "a bad port" => [["-p", "70000", "examples/hello.ru"], /\Ahyperion: --port must be between 0 and 65535/],
     "a non-numeric port" => [["-p", "http", "examples/hello.ru"], /\Ahyperion: invalid argument: -p http/],
     "bad threads" => [["-t", "0", "examples/hello.ru"], /\Ahyperion: --threads expects/],
+    "a zero --max-connections" => [["-p", "0", "--max-connections", "0", "examples/hello.ru"],
+                                   /\Ahyperion: --max-connections: must be between 1 and \d+, got 0\n\z/],
+    "a zero --max-connections in cluster mode (checked before forking)" =>
+      [["-p", "0", "-w", "2", "--max-connections", "0", "examples/hello.ru"],
+       /\Ahyperion: --max-connections: must be between 1 and \d+, got 0\n\z/],
+    "a zero --max-connections with --check" => [["--check", "--max-connections", "0", "examples/hello.ru"],
+                                                /\Ahyperion: --max-connections: must be between 1 and \d+, got 0\n\z/],
+    "a non-numeric --max-connections" => [["--max-connections", "many", "examples/hello.ru"],
+                                          /\Ahyperion: invalid argument: --max-connections many/],
     "a rackup with a syntax error" => [[File.join(ServerHelpers::FIXTURES, "syntax_error.ru")],
                                        /\Ahyperion: could not load .*syntax_error\.ru: SyntaxError/]
   }.each do |problem, (args, message)|

@@ -32,6 +32,29 @@ RSpec.describe "cluster mode", timeout: 120 do
     end
   end
 
+  it "ends workers the way Puma does: at_exit handlers run and buffered $stdout is flushed" do
+    File.write(File.join(dir, "config.ru"), <<~RUBY)
+      at_exit { File.write(File.join(ENV.fetch("MARKERS"), "at_exit-\#{Process.pid}"), "ran") }
+      $stdout.sync = false
+      $stdout.write("unflushed-from-\#{Process.pid} ")
+      run ->(env) { [200, {}, [Process.pid.to_s]] }
+    RUBY
+    markers = Dir.mktmpdir("hyperion-markers")
+    workers = nil
+    logged = nil
+    with_cli("-w", "2", "--no-preload", chdir: dir, env: { "MARKERS" => markers }) do |port, master, log|
+      workers = pids_answering(port, want: 2)
+      expect(workers.size).to eq(2)
+      Process.kill("TERM", master)
+      Timeout.timeout(30) { Process.wait(master) }
+      logged = File.read(log)
+    end
+    workers.each do |pid|
+      expect(File.exist?(File.join(markers, "at_exit-#{pid}"))).to be(true), "worker #{pid} ran no at_exit handler"
+      expect(logged).to include("unflushed-from-#{pid}")
+    end
+  end
+
   it "replaces a killed worker in its slot while requests keep succeeding" do
     with_cli("-w", "2", chdir: dir) do |port, master|
       wait_until { children(master).size == 2 }

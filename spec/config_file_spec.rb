@@ -33,6 +33,7 @@ RSpec.describe "the config file" do
       environment "staging"
       read_timeout 10
       max_body_bytes 1_000_000
+      max_connections 64
     RUBY
     with_cli(chdir: dir, bind: false) { |port| expect(http_get(port).body).to eq("staging http 3") }
     with_cli("-e", "production", "-t", "4", chdir: dir, bind: false) do |port|
@@ -114,6 +115,7 @@ RSpec.describe "the config file" do
     "a bad worker model" => ["worker_model :forks\n", %r{\Ahyperion: config/hyperion\.rb:1: worker_model expects :reuseport or :share}],
     "an unknown tls setting" => ["tls cert: 'a', ciphers: 'b'\n", %r{\Ahyperion: config/hyperion\.rb:1: tls: unknown setting ciphers}],
     "a bad worker_timeout" => ["port 0\nworker_timeout -1\n", %r{\Ahyperion: config/hyperion\.rb:2: worker_timeout expects a positive number of seconds, got -1}],
+    "a bad max_connections" => ["port 0\nmax_connections 0\n", %r{\Ahyperion: config/hyperion\.rb:2: max_connections expects an Integer in 1\.\., got 0}],
     "a bad worker_max_rss_mb" => ["worker_max_rss_mb 0\n", %r{\Ahyperion: config/hyperion\.rb:1: worker_max_rss_mb expects an Integer in 1\.\., got 0}],
     "a bad stdout_redirect" => ["stdout_redirect 5\n", %r{\Ahyperion: config/hyperion\.rb:1: stdout_redirect expects a String, got 5}],
     "a bad preload_app!" => ["preload_app! :yes\n", %r{\Ahyperion: config/hyperion\.rb:1: preload_app! expects true or false, got :yes}],

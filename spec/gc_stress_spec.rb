@@ -8,14 +8,16 @@ require "spec_helper"
 # as ordinary examples.
 RSpec.describe "serving under GC.stress", :gc_stress, timeout: 300 do
   it "builds envs, reads bodies and writes Array, streamed and each-able-header responses" do
+    spec = self
     app = lambda do |env|
+      compact_here
       case env["PATH_INFO"]
       when "/env" then TestApps.env_dump.call(env)
-      when "/stream" then [200, {}, TestApps::CountingBody.new(%w[s t r e a m], [])]
+      when "/stream" then [200, {}, Enumerator.new { |y| %w[s t r e a m].each { |c| compact_here; y << c } }]
       when "/raise" then raise "under stress"
       else
         headers = Object.new
-        def headers.each = yield("x-each", "v")
+        headers.define_singleton_method(:each) { |&b| spec.compact_here; b.call("x-each", "v") }
         [200, headers, [env["rack.input"].read]]
       end
     end
@@ -40,7 +42,11 @@ RSpec.describe "serving under GC.stress", :gc_stress, timeout: 300 do
   end
 
   it "streams a gRPC-style request body into rack.input over h2c" do
-    app = ->(env) { chunks = []; env["rack.input"].each { |c| chunks << c }; [200, {}, [chunks.join]] }
+    app = lambda do |env|
+      chunks = []
+      env["rack.input"].each { |c| compact_here; chunks << c }
+      [200, {}, [chunks.join]]
+    end
     with_worker(app) do |port|
       out = gc_stress do
         Open3.capture2("curl", "-s", "--http2-prior-knowledge", "-H", "content-type: application/grpc",
@@ -72,10 +78,38 @@ RSpec.describe "serving under GC.stress", :gc_stress, timeout: 300 do
     gc_stress do
       with_worker(->(_) { [200, { "a" => "b" }, ["alive"]] }, config: config) do |port|
         GC.start
+        compact_here
         raw = raw_exchange(port, "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         expect(parse_responses(raw).first.last).to eq("alive")
       end
     end
     expect(calls).to eq([[:boot, 0], [:shutdown, 0]])
+  end
+
+  # Worker.new converts option Hashes while Ruby may move their values
+  # (compaction): binary (non-UTF-8) Strings make the conversion allocate.
+  it "builds Workers from tls: and h2_settings: Hashes of binary Strings and serves TLS with one" do
+    pki = TestPKI.new
+    listeners = Array.new(5) { TCPServer.new("127.0.0.1", 0) }
+    app = ->(env) { [200, {}, [env["rack.url_scheme"]]] }
+    workers = gc_stress(compact_every_gc: true) do
+      listeners.map do |listener|
+        Hyperion::Worker.new(host: "127.0.0.1", port: 0, app: app, read_timeout: spec_read_timeout,
+                             listener: listener,
+                             tls: { "cert" => pki.path("chain.pem").b, key: pki.path("server.key").b,
+                                    "verify_mode" => "none".b },
+                             h2_settings: { "max_concurrent_streams" => 50, max_frame_size: 16_384 })
+      end
+    end
+    GC.start
+    runner = Thread.new { workers.last.run }
+    runner.report_on_exception = false
+    url = "https://127.0.0.1:#{listeners.last.local_address.ip_port}/"
+    body = gc_stress { Open3.capture2("curl", "-sk", "--max-time", "300", "--retry", "5", "--retry-connrefused", url).first }
+    expect(body).to eq("https")
+  ensure
+    workers&.last&.stop
+    runner&.join(30)
+    listeners&.each { |l| l.close unless l.closed? }
   end
 end

@@ -34,7 +34,13 @@ RSpec.describe "hostile HTTP/1.1 input" do
      "POST /te HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n", [400]],
     ['Transfer-Encoding "gzip, chunked" (a coding Hyperion does not decode)',
      "POST /te HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n", [501]],
-    ['an unknown Transfer-Encoding "foo"', "POST /te HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: foo\r\n\r\nhello", [501, 400]],
+    # chunked is not the final coding, so the body cannot be framed: RFC 9112
+    # 6.3 says 400 and close (a MUST, over 6.1's "SHOULD 501" for unknown codings).
+    ['an unknown Transfer-Encoding "foo"', "POST /te HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: foo\r\n\r\nhello", [400]],
+    ['Transfer-Encoding "chunked, chunked" (chunked applied twice, RFC 9112 6.1)',
+     "POST /te HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked, chunked\r\n\r\n0\r\n\r\n", [400]],
+    ["two Transfer-Encoding: chunked lines",
+     "POST /te HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", [400]],
     ['chunk size "+5"', "#{chunked_post}+5\r\nhello\r\n0\r\n\r\n", [400]],
     ['chunk size "0x5"', "#{chunked_post}0x5\r\nhello\r\n0\r\n\r\n", [400]],
     ['chunk size "5zz"', "#{chunked_post}5zz\r\nhello\r\n0\r\n\r\n", [400]],
@@ -55,9 +61,19 @@ RSpec.describe "hostile HTTP/1.1 input" do
     ["TLS handshake bytes on the plain port", tls_client_hello, [400, closed]],
     ["HTTP/1.1 without Host", "GET /nohost HTTP/1.1\r\n\r\n", [400]],
     ["HTTP/1.1 with two Host headers", "GET /twohost HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n", [400]],
+    ["an absolute-form target with userinfo (RFC 9110 4.2.4)",
+     "GET http://user@a.example/userinfo HTTP/1.1\r\nHost: a.example\r\n\r\n", [400]],
     ['Expect "something-else"',
      "POST /expect HTTP/1.1\r\nHost: x\r\nExpect: something-else\r\nContent-Length: 5\r\n\r\nhello", [417]]
   ]
+
+  # Host values that are not `uri-host [ ":" port ]` (RFC 9110 7.2, RFC 3986 3.2.2): 400 (RFC 9112 3.2).
+  [
+    "a b", "a/b", "a@b", "a?b", "a#b", "a\\b", "x:abc", "x:99999", "x:1:2", "[::1", "::1", "[::1]x", "[not-ipv6]",
+    ":80", "%zz", "a%4", "h\xC3\xA9.example".b, "a\tb"
+  ].each do |host|
+    refused << ["the malformed Host #{host.inspect}", "GET /badhost HTTP/1.1\r\nHost: #{host}\r\n\r\n", [400]]
+  end
 
   # [name, Worker keywords, request bytes (sent as they are), expected status]
   over_limit = [
@@ -192,6 +208,18 @@ RSpec.describe "hostile HTTP/1.1 input" do
         end
       end
     end
+  end
+
+  it "accepts every well-formed Host, and an empty one (RFC 9112 3.2: a target without authority)" do
+    hosts = ["", "x", "x:", "x:0", "x:65535", "127.0.0.1:8080", "[::1]:9292", "[::ffff:1.2.3.4]", "[v7.fe:x]",
+             "a-b_c.~!$&'()*+,;=%41.example", "xn--bcher-kva.example"]
+    with_worker(app) do |port|
+      hosts.each do |host|
+        raw = raw_exchange(port, "GET /goodhost HTTP/1.1\r\nHost: #{host}\r\nConnection: close\r\n\r\n", wait: 2)
+        expect(status_of(raw)).to eq(200), "Host #{host.inspect}: the server wrote #{shown(raw)}"
+      end
+    end
+    expect(recorded_calls.map { |c| c[:path] }).to eq(["/goodhost"] * hosts.size)
   end
 
   # RFC 9112 2.2 lets a recipient accept a bare LF as a line terminator, and

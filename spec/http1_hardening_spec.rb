@@ -40,6 +40,55 @@ RSpec.describe "HTTP/1.1 against slow and greedy clients" do
     end
   end
 
+  describe "max_request_read_seconds" do
+    it "also bounds the head: a stalled head gets 408 and close after it, though read_timeout is longer" do
+      hello = File.join(ServerHelpers::ROOT, "examples/hello.ru")
+      with_cli("--max-request-read-seconds", "1", "--read-timeout", "60", hello) do |port|
+        socket = connect(port)
+        socket.write("GET /stall HT")
+        expect(read_all(socket, 20)).to start_with("HTTP/1.1 408").and include("connection: close")
+        expect(socket.read_nonblock(1, exception: false)).to be_nil # closed, not merely quiet
+      end
+    end
+  end
+
+  describe "max_connections" do
+    def get(socket, path, close: false)
+      socket.write("GET #{path} HTTP/1.1\r\nHost: x\r\n#{"Connection: close\r\n" if close}\r\n")
+    end
+
+    it "stops accepting at the limit: a third connection is answered once one of the first two closes" do
+      with_worker(app, max_connections: 2) do |port|
+        first, second = Array.new(2) { connect(port) }
+        [first, second].each_with_index do |socket, i|
+          get(socket, "/keep#{i}")
+          expect(socket.readpartial(4096)).to end_with("ok /keep#{i}")
+        end
+        third = connect(port) # completes in the kernel's backlog
+        get(third, "/third", close: true)
+        expect(third.wait_readable(1)).to be_nil, "answered while two connections were open"
+        expect(calls.size).to eq(2)
+        first.close
+        expect(read_all(third, 10)).to start_with("HTTP/1.1 200").and end_with("ok /third")
+        get(second, "/again")
+        expect(second.readpartial(4096)).to end_with("ok /again")
+      end
+    end
+
+    it "counts an HTTP/2 connection as one" do
+      with_worker(app, max_connections: 1) do |port|
+        h2 = connect(port)
+        h2.write("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\x00\x00\x00\x04\x00\x00\x00\x00\x00".b) # preface, empty SETTINGS
+        expect(h2.readpartial(4096).byteslice(3, 1)).to eq("\x04".b) # the server's SETTINGS: served
+        waiting = connect(port)
+        get(waiting, "/after-h2", close: true)
+        expect(waiting.wait_readable(1)).to be_nil, "answered while the HTTP/2 connection was open"
+        h2.close
+        expect(read_all(waiting, 10)).to start_with("HTTP/1.1 200").and end_with("ok /after-h2")
+      end
+    end
+  end
+
   it "closes an idle keep-alive connection quietly after idle_timeout" do
     with_worker(app, idle_timeout: 0.3) do |port|
       socket = connect(port)

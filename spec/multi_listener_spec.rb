@@ -7,7 +7,7 @@ require "spec_helper"
 # Array with one entry (Hash or nil) per listener.
 RSpec.describe "Hyperion::Worker with several listeners" do
   let(:pki) { TestPKI.new }
-  let(:required) { { host: "127.0.0.1", port: 0, app: app, read_timeout: 5 } }
+  let(:required) { { host: "127.0.0.1", port: 0, app: app, read_timeout: spec_read_timeout } }
   # Reports what the env says about the listener a request came in on.
   let(:app) do
     lambda do |env|
@@ -186,7 +186,7 @@ RSpec.describe "Hyperion::Worker with several listeners" do
     runner = Thread.new { worker.run }
     runner.report_on_exception = false
     ports.each do |port|
-      body = gc_stress { http_get(port).body }
+      body = gc_stress { curl_get("http://127.0.0.1:#{port}/") }
       expect(body).to eq("http 127.0.0.1 #{port} off")
     end
   ensure

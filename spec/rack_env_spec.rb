@@ -57,6 +57,14 @@ RSpec.describe "the Rack env" do
       .to include("SERVER_NAME" => "example.test", "SERVER_PORT" => "80")
   end
 
+  it "takes SERVER_NAME, SERVER_PORT and HTTP_HOST from an absolute-form target, not from Host (RFC 9112 3.2.2)" do
+    expect(env_for("GET http://a.example/x?q=1 HTTP/1.1\r\nHost: other.example\r\nConnection: close\r\n\r\n"))
+      .to include("SERVER_NAME" => "a.example", "SERVER_PORT" => "80", "HTTP_HOST" => "a.example",
+                  "PATH_INFO" => "/x", "QUERY_STRING" => "q=1", "REQUEST_URI" => "/x?q=1")
+    expect(env_for("GET http://[::1]:8080/ HTTP/1.1\r\nHost: other.example:9000\r\nConnection: close\r\n\r\n"))
+      .to include("SERVER_NAME" => "[::1]", "SERVER_PORT" => "8080", "HTTP_HOST" => "[::1]:8080")
+  end
+
   it "falls back to the bound address without a Host header" do
     with_worker(TestApps.env_dump) do |port|
       _status, _headers, body = parse_responses(raw_exchange(port, "GET / HTTP/1.0\r\n\r\n")).first
@@ -107,6 +115,24 @@ RSpec.describe "the Rack env" do
     expect(observed).to include(class: File, line: "line1\n", buffer: "6789", chunks_positive: true, binary: true)
     expect(observed[:whole].bytesize).to eq(payload.bytesize)
     expect(observed[:whole]).to eq(payload)
+  end
+
+  # The spilled body's descriptor is handed to Ruby without running Ruby
+  # code, so nothing can raise in between and leak it (File.for_fd could).
+  it "leaks no descriptor when spilled bodies reach the app, even if File.for_fd would raise" do
+    allow(File).to receive(:for_fd).and_raise(IOError, "simulated failure while wrapping the body")
+    payload = "x".b * 1_200_000
+    sizes = []
+    app = ->(env) { sizes << env["rack.input"].size; [200, {}, ["ok"]] }
+    with_worker(app) do |port|
+      http_post(port, "/", payload) # warm-up: lazily opened descriptors
+      before = Dir.children("/proc/self/fd").size
+      codes = Array.new(20) { http_post(port, "/", payload).code }
+      GC.start # a leaked File would be closed here; a leaked bare descriptor would not
+      expect(codes.uniq).to eq(["200"])
+      expect(Dir.children("/proc/self/fd").size).to be <= before + 2
+    end
+    expect(sizes.uniq).to eq([payload.bytesize])
   end
 
   it "gives every request a fresh env Hash" do

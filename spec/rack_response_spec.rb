@@ -71,6 +71,23 @@ RSpec.describe "Rack responses on the wire" do
     expect(counter).to eq(%i[closed closed])
   end
 
+  it "sends 205 Reset Content with no content, whatever length the app declared" do
+    counter = []
+    app = lambda do |env|
+      next [200, {}, ["next"]] unless env["PATH_INFO"] == "/reset"
+
+      [205, { "content-length" => "9" }, TestApps::CountingBody.new(["forbidden"], counter)]
+    end
+    with_worker(app) do |port|
+      raw = raw_exchange(port, "GET /reset HTTP/1.1\r\nHost: x\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+      expect(raw).not_to include("forbidden")
+      (status, headers, body), (next_status, _, next_body) = parse_responses(raw)
+      expect([status, headers["content-length"], body]).to eq([205, ["0"], ""])
+      expect([next_status, next_body]).to eq([200, "next"])
+    end
+    expect(counter).to eq(%i[closed])
+  end
+
   describe "responses that break the Rack SPEC become a 500 and the worker keeps serving" do
     {
       "a String status" => ->(_) { ["200", {}, ["x"]] },

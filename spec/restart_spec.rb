@@ -173,6 +173,30 @@ RSpec.describe "restarts under load", timeout: 150 do
     end
   end
 
+  # The heartbeat proves the worker serves, not only that Ruby runs: with its
+  # tokio I/O thread wedged (stopped with ptrace, as a bug would leave it) a
+  # worker falls silent and is replaced.
+  it "replaces a worker whose I/O runtime is wedged though its Ruby threads run" do
+    with_cli("-w", "2", "--worker-timeout", "2", chdir: dir) do |port, master, log|
+      wait_until { File.read(log).include?("all 2 workers serving") }
+      victim = children(master).first
+      io_threads = Dir["/proc/#{victim}/task/*/comm"].select { |comm| File.read(comm).strip == "hyperion-io" }
+                                                      .map { |comm| comm[%r{task/(\d+)/}, 1] }
+      expect(io_threads).not_to be_empty
+      freezer = IO.popen(["python3", File.join(__dir__, "support/freeze_thread.py"), *io_threads])
+      begin
+        expect(freezer.gets).to eq("frozen\n")
+        wait_until(20) { File.read(log).include?("(pid #{victim}) sent no heartbeat for 2.0 s; killing it") }
+      ensure
+        # The master can reap the killed worker only once its tracer is gone.
+        Process.kill("KILL", freezer.pid)
+        freezer.close
+      end
+      wait_until(10) { (kids = children(master)).size == 2 && !kids.include?(victim) }
+      expect(http_get(port).code).to eq("200")
+    end
+  end
+
   it "recycles a worker above worker_max_rss_mb gracefully" do
     File.write(File.join(dir, "config.ru"), <<~RUBY)
       run ->(env) { $ballast = "x" * 150_000_000 if env["PATH_INFO"] == "/grow"; [200, {}, [Process.pid.to_s]] }

@@ -135,6 +135,51 @@ RSpec.describe "TLS (rustls)" do
     end
   end
 
+  describe "read_timeout after the handshake" do
+    def tls_connect(port)
+      context = OpenSSL::SSL::SSLContext.new
+      context.verify_mode = OpenSSL::SSL::VERIFY_NONE
+      ssl = OpenSSL::SSL::SSLSocket.new(TCPSocket.new("127.0.0.1", port), context)
+      ssl.sync_close = true
+      ssl.connect
+      ssl
+    end
+
+    # Decrypted bytes until the server closes (or `wait` seconds pass).
+    def tls_read_all(ssl, wait)
+      out = +""
+      deadline = Time.now + wait
+      loop do
+        chunk = ssl.read_nonblock(65_536, exception: false)
+        break if chunk.nil?
+
+        if chunk == :wait_readable
+          remaining = deadline - Time.now
+          break if remaining <= 0 || !ssl.to_io.wait_readable(remaining)
+        else
+          out << chunk
+        end
+      end
+      out
+    rescue OpenSSL::SSL::SSLError, Errno::ECONNRESET
+      out # closed without close_notify
+    end
+
+    it "answers 408 through TLS to a connection that sends no request, and to a stalled head" do
+      with_worker(app, tls: { self_signed: true }, read_timeout: 0.5) do |port|
+        silent = tls_connect(port)
+        stalled = tls_connect(port)
+        stalled.write("GET /stall HT")
+        [silent, stalled].each do |ssl|
+          expect(tls_read_all(ssl, 10)).to start_with("HTTP/1.1 408").and include("connection: close")
+        end
+      ensure
+        silent&.close
+        stalled&.close
+      end
+    end
+  end
+
   it "prints an https listening line from the CLI with --tls-self-signed" do
     with_cli("--tls-self-signed", File.join(ServerHelpers::ROOT, "examples/hello.ru")) do |port, _pid, log|
       expect(File.read(log)).to include("listening on https://127.0.0.1:#{port}", "self-signed development certificate")

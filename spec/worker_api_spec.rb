@@ -31,6 +31,7 @@ RSpec.describe Hyperion::Worker do
       read_timeout: ["5", TypeError, /read_timeout: expected a number of seconds/],
       max_pending: [-1, ArgumentError, /max_pending/],
       max_request_read_seconds: [0, ArgumentError, /max_request_read_seconds/],
+      max_connections: [0, ArgumentError, /max_connections: must be between 1 and/],
       app: [Object.new, TypeError, /app: expected an object that responds to #call/],
       listener: ["fd", TypeError, /listener: expected a TCPServer or UNIXServer/],
       async_io: ["yes", TypeError, /async_io/],

@@ -2,7 +2,9 @@
 //! `WatchedIo`, and this task enforces the timeouts hyper does not know:
 //!
 //! - a request head must arrive within `read_timeout` (also the first bytes
-//!   of a new connection) → `408` and close;
+//!   of a new connection), and within `max_request_read` of its first byte
+//!   → `408` and close; the 408 goes through the connection's own stream, so
+//!   TLS encrypts it;
 //! - an idle keep-alive connection is closed quietly after `idle_timeout`;
 //! - a client that stops reading is dropped after `write_timeout` without
 //!   progress, which also frees a Ruby thread streaming to it;
@@ -28,7 +30,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use hyper::rt::{Read, ReadBufCursor, Write};
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
@@ -44,6 +46,9 @@ pub const DRAIN_GRACE: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone, Copy)]
 pub struct Timeouts {
     pub read: Duration,
+    /// A whole request's time; it bounds the head too (the body's share is
+    /// enforced where the body is read).
+    pub max_request_read: Duration,
     pub idle: Duration,
     pub write: Duration,
 }
@@ -59,10 +64,12 @@ pub struct Activity {
     write_stalled: AtomicU64,
     /// The deadline the task currently sleeps until.
     armed: AtomicU64,
+    /// Milliseconds a head may take from its first byte (set by `serve`).
+    head_limit: AtomicU64,
     /// Wakes the task when its deadline moves earlier than `armed`: a write
-    /// stalls, or a response finishes while the task sleeps on a distant
-    /// deadline. Most request boundaries need no wake-up, which keeps
-    /// keep-alive traffic free of per-request task wake-ups.
+    /// stalls, a head starts or a response finishes while the task sleeps on
+    /// a distant deadline. Most request boundaries need no wake-up, which
+    /// keeps keep-alive traffic free of per-request task wake-ups.
     changed: Notify,
 }
 
@@ -88,6 +95,7 @@ impl Activity {
             idle_since: AtomicU64::new(1),
             write_stalled: AtomicU64::new(0),
             armed: AtomicU64::new(0),
+            head_limit: AtomicU64::new(u64::MAX),
             changed: Notify::new(),
         })
     }
@@ -132,7 +140,14 @@ impl Activity {
 
     fn on_read(&self) {
         if !self.in_request() && self.head_started.load(Ordering::Acquire) == 0 {
-            self.head_started.store(self.now(), Ordering::Release);
+            let now = self.now();
+            self.head_started.store(now, Ordering::Release);
+            // E.g. a new connection's task sleeps until read_timeout from
+            // its start, while max_request_read allows its head less.
+            let head_deadline = now.saturating_add(self.head_limit.load(Ordering::Acquire));
+            if self.armed.load(Ordering::Acquire) > head_deadline {
+                self.changed.notify_one();
+            }
         }
     }
 
@@ -176,7 +191,8 @@ impl Activity {
         } else if !self.in_request() {
             let head_started = self.head_started.load(Ordering::Acquire);
             if head_started != 0 {
-                consider(self.at(head_started) + timeouts.read, Expiry::Head);
+                let head_limit = timeouts.read.min(timeouts.max_request_read);
+                consider(self.at(head_started) + head_limit, Expiry::Head);
             } else if self.requests.load(Ordering::Acquire) == 0 {
                 // A new connection owes us its first request within read_timeout.
                 consider(
@@ -288,7 +304,8 @@ const REQUEST_TIMEOUT: &[u8] =
     b"HTTP/1.1 408 Request Timeout\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
 
 /// Writes a bare 408 straight to a plaintext socket (best effort, one
-/// non-blocking write) before the connection is closed.
+/// non-blocking write) before the connection is closed: for a connection
+/// that timed out before it had a session (see `serve` for the others).
 ///
 /// # Safety
 /// `fd` must be an open socket for the whole call: the caller owns (or
@@ -319,36 +336,46 @@ pub trait Session<S>: std::future::Future<Output = SessionResult> + Unpin {
 enum SessionEnd {
     /// The connection is finished (closed, failed, timed out or drained).
     Closed,
+    /// A head did not arrive in time: answer 408, then close.
+    HeadTimedOut,
     /// Idle for `PARK_AFTER`: hand the socket back.
     Park,
 }
 
 /// Serves a connection until it ends: runs hyper sessions over the socket,
-/// parking it between requests when it idles. `start` builds a session;
-/// `plaintext_fd` is the socket's descriptor when a raw 408 may be written to
-/// it (not under TLS), used only while the socket is open.
+/// parking it between requests when it idles. `start` builds a session.
 pub async fn serve<S, C>(
     mut io: WatchedIo<S>,
     start: impl Fn(WatchedIo<S>) -> C,
-    plaintext_fd: Option<RawFd>,
     activity: Arc<Activity>,
     timeouts: Timeouts,
     stop: &crate::stop::StopSignal,
 ) where
-    S: tokio::io::AsyncRead + Unpin,
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
     C: Session<S>,
 {
+    let head_limit = timeouts.read.min(timeouts.max_request_read);
+    activity
+        .head_limit
+        .store(head_limit.as_millis() as u64, Ordering::Release);
     loop {
         // Boxed so that a parked connection's task holds no hyper state.
         let mut session = Box::new(start(io));
-        if let SessionEnd::Closed =
-            drive(&mut *session, plaintext_fd, &activity, &timeouts, stop).await
-        {
+        let end = drive(&mut *session, &activity, &timeouts, stop).await;
+        if let SessionEnd::Closed = end {
             return;
         }
         let Some((socket, unparsed)) = (*session).into_io() else {
             return;
         };
+        if let SessionEnd::HeadTimedOut = end {
+            // hyper holds no unsent response bytes unless a write stalled;
+            // then a 408 would land in the middle of one, so just close.
+            if activity.write_stalled.load(Ordering::Acquire) == 0 {
+                answer_request_timeout(socket.inner, timeouts.write).await;
+            }
+            return;
+        }
         io = socket;
         // Bytes hyper buffered came off the socket before any still in our
         // prefix; both go to the next session, in that order.
@@ -368,6 +395,22 @@ pub async fn serve<S, C>(
         // The next head has begun: its read timeout runs from now, and the
         // new session must not be parked before hyper reads the prefix.
         activity.on_read();
+    }
+}
+
+/// Writes a 408 through the connection's stream (encrypted under TLS) and
+/// closes it (FIN, or TLS close_notify first); best effort, within `within`.
+async fn answer_request_timeout<S>(mut stream: S, within: Duration)
+where
+    S: tokio::io::AsyncWrite + Unpin,
+{
+    let answered = tokio::time::timeout(within, async {
+        stream.write_all(REQUEST_TIMEOUT).await?;
+        stream.shutdown().await
+    })
+    .await;
+    if let Ok(Err(e)) = answered {
+        tracing::debug!(error = %e, "could not send 408");
     }
 }
 
@@ -401,7 +444,6 @@ where
 /// drained after a stop, or it idles long enough to park.
 async fn drive<S, C: Session<S>>(
     session: &mut C,
-    plaintext_fd: Option<RawFd>,
     activity: &Activity,
     timeouts: &Timeouts,
     stop: &crate::stop::StopSignal,
@@ -441,13 +483,11 @@ async fn drive<S, C: Session<S>>(
                 match activity.next_deadline(timeouts, may_park, multiplexed) {
                     Some((at, Expiry::Park)) if at <= Instant::now() => return SessionEnd::Park,
                     Some((at, expiry)) if at <= Instant::now() => {
-                        if let (Expiry::Head, Some(fd)) = (expiry, plaintext_fd) {
-                            // SAFETY: `session` owns the socket and is alive
-                            // until our caller drops it after we return.
-                            unsafe { write_request_timeout(fd) };
-                        }
                         tracing::debug!(?expiry, "connection timed out");
-                        return SessionEnd::Closed;
+                        return match expiry {
+                            Expiry::Head => SessionEnd::HeadTimedOut,
+                            _ => SessionEnd::Closed,
+                        };
                     }
                     _ => continue,
                 }
@@ -506,6 +546,7 @@ mod tests {
 
     const TIMEOUTS: Timeouts = Timeouts {
         read: Duration::from_secs(5),
+        max_request_read: Duration::from_secs(60),
         idle: Duration::from_secs(20),
         write: Duration::from_secs(10),
     };
@@ -554,6 +595,98 @@ mod tests {
             "bytes of a new head arm the read timeout"
         );
         assert!(at <= Instant::now() + TIMEOUTS.read);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_head_gets_the_shorter_of_read_timeout_and_max_request_read() {
+        let short_request = Timeouts {
+            max_request_read: Duration::from_secs(2),
+            ..TIMEOUTS
+        };
+        let activity = Activity::new();
+        let (at, _) = activity
+            .next_deadline(&short_request, false, false)
+            .unwrap();
+        assert_eq!(
+            at,
+            activity.epoch + TIMEOUTS.read,
+            "before any byte, the connection has read_timeout"
+        );
+        tokio::time::advance(Duration::from_secs(1)).await;
+        activity.on_read();
+        let head_started = Instant::now();
+        let (at, expiry) = activity
+            .next_deadline(&short_request, false, false)
+            .unwrap();
+        assert_eq!(expiry, Expiry::Head);
+        assert!(
+            at <= head_started + Duration::from_secs(2) && at > head_started,
+            "{:?} after the head began",
+            at - head_started
+        );
+        let (at, _) = activity.next_deadline(&TIMEOUTS, false, false).unwrap();
+        assert!(at > head_started + Duration::from_secs(4));
+    }
+
+    /// Stands in for hyper reading a head that never completes: reads
+    /// whatever arrives, never answers, and hands the socket back.
+    struct StalledHead<S>(Option<WatchedIo<S>>);
+
+    impl<S: tokio::io::AsyncRead + Unpin> std::future::Future for StalledHead<S> {
+        type Output = SessionResult;
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SessionResult> {
+            let Some(io) = self.0.as_mut() else {
+                return Poll::Pending;
+            };
+            let mut storage = [0u8; 64];
+            loop {
+                let mut buf = hyper::rt::ReadBuf::new(&mut storage);
+                match Pin::new(&mut *io).poll_read(cx, buf.unfilled()) {
+                    Poll::Ready(Ok(())) if !buf.filled().is_empty() => continue,
+                    _ => return Poll::Pending,
+                }
+            }
+        }
+    }
+
+    impl<S: tokio::io::AsyncRead + Unpin> Session<S> for StalledHead<S> {
+        fn graceful_shutdown(&mut self) {}
+        fn into_io(mut self) -> Option<(WatchedIo<S>, Bytes)> {
+            Some((self.0.take()?, Bytes::new()))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_head_gets_408_through_the_stream_within_max_request_read() {
+        let (mut client, server) = tokio::io::duplex(4096);
+        let activity = Activity::new();
+        let io = WatchedIo::new(server, activity.clone());
+        let timeouts = Timeouts {
+            read: Duration::from_secs(60),
+            max_request_read: Duration::from_secs(2),
+            ..TIMEOUTS
+        };
+        let started = Instant::now();
+        let serving = tokio::spawn(async move {
+            let stop = crate::stop::StopSignal::default();
+            serve(io, |io| StalledHead(Some(io)), activity, timeouts, &stop).await
+        });
+        // The task now sleeps on the connection's read_timeout; the head's
+        // first bytes must bring its deadline forward.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        client.write_all(b"GET /stall HT").await.unwrap();
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        assert_eq!(
+            answer, REQUEST_TIMEOUT,
+            "sent through the stream, then closed"
+        );
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= Duration::from_secs(3) && elapsed < Duration::from_secs(4),
+            "408 after {elapsed:?}: the head's 2 s, from its first byte at 1 s"
+        );
+        serving.await.unwrap();
     }
 
     #[tokio::test]

@@ -5,15 +5,17 @@
 
 pub mod body;
 pub mod connection;
+pub mod dispatch;
 pub mod error;
+pub mod fork_safe;
 pub mod h2_settings;
+pub mod health;
 pub mod host;
 pub mod http2;
 pub mod interim;
 pub mod limits;
 pub mod listener;
 pub mod logging;
-pub mod queue;
 pub mod request;
 pub mod response;
 pub mod server;

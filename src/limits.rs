@@ -6,6 +6,8 @@ use http::header::{CONTENT_LENGTH, EXPECT, HOST, TRANSFER_ENCODING};
 use http::request::Parts;
 use http::{StatusCode, Version};
 
+use crate::host::parse_host_and_port;
+
 /// Size limits. Defaults follow Puma's parser (12 KiB target, 112 KiB of
 /// headers) and nginx's header-count sense; the body limit is generous
 /// because uploads go to a temp file, not memory.
@@ -58,6 +60,20 @@ pub fn check_head(head: &Parts, limits: &Limits) -> Result<(), Rejection> {
     if hosts == 0 && head.version == Version::HTTP_11 {
         return reject(StatusCode::BAD_REQUEST, "HTTP/1.1 request without Host");
     }
+    // An empty Host is what a client sends for a target without authority
+    // (RFC 9112 §3.2); anything else must be `host[:port]`.
+    if let Some(host) = head.headers.get(HOST) {
+        if !host.is_empty() && parse_host_and_port(host.as_bytes()).is_none() {
+            return reject(StatusCode::BAD_REQUEST, "malformed Host header");
+        }
+    }
+    // The same grammar for an absolute-form target (or HTTP/2's :authority),
+    // which also refuses userinfo (RFC 9110 §4.2.4).
+    if let Some(authority) = head.uri.authority() {
+        if parse_host_and_port(authority.as_str().as_bytes()).is_none() {
+            return reject(StatusCode::BAD_REQUEST, "malformed authority in the target");
+        }
+    }
     let mut expectations = head.headers.get_all(EXPECT).iter();
     if let Some(expect) = expectations.next() {
         if !expect.as_bytes().eq_ignore_ascii_case(b"100-continue") || expectations.next().is_some()
@@ -82,19 +98,35 @@ pub fn check_head(head: &Parts, limits: &Limits) -> Result<(), Rejection> {
     Ok(())
 }
 
-/// hyper decodes `chunked` and refuses a final coding other than chunked;
-/// any other coding before it (`gzip, chunked`) would reach the app still
-/// encoded, so it is refused as not implemented.
+/// hyper decodes `chunked` and refuses (400) a request whose final coding is
+/// not chunked, as RFC 9112 §6.3 requires. Chunked applied twice
+/// (`chunked, chunked`, or two such lines) cannot be framed as the client
+/// meant (RFC 9112 §6.1 forbids it): 400. Any other coding before the final
+/// chunked (`gzip, chunked`) would reach the app still encoded: 501, as §6.1
+/// advises for a coding the server does not understand.
 fn unsupported_transfer_coding(head: &Parts) -> Option<Rejection> {
-    let mut codings = head
+    let codings = head
         .headers
         .get_all(TRANSFER_ENCODING)
         .iter()
         .flat_map(|value| value.as_bytes().split(|&b| b == b','))
         .map(|coding| coding.trim_ascii())
         .filter(|coding| !coding.is_empty());
-    let only_chunked = codings.all(|coding| coding.eq_ignore_ascii_case(b"chunked"));
-    (!only_chunked).then_some(Rejection {
+    let (mut chunked, mut other) = (0, 0);
+    for coding in codings {
+        if coding.eq_ignore_ascii_case(b"chunked") {
+            chunked += 1;
+        } else {
+            other += 1;
+        }
+    }
+    if chunked > 1 {
+        return Some(Rejection {
+            status: StatusCode::BAD_REQUEST,
+            reason: "chunked transfer coding applied more than once",
+        });
+    }
+    (other > 0).then_some(Rejection {
         status: StatusCode::NOT_IMPLEMENTED,
         reason: "transfer coding other than chunked",
     })
@@ -129,6 +161,28 @@ mod tests {
         );
         let http10 = head(&[], "/", Version::HTTP_10);
         assert!(check_head(&http10, &Limits::default()).is_ok());
+        assert_eq!(
+            status(&[("host", "")]),
+            None,
+            "empty: a target without authority"
+        );
+        assert_eq!(status(&[("host", "[::1]:80")]), None);
+        for bad in ["a b", "a/b", "a@b", "x:abc", "x:99999", "[::1"] {
+            assert_eq!(
+                status(&[("host", bad)]),
+                Some(StatusCode::BAD_REQUEST),
+                "{bad}"
+            );
+        }
+        let userinfo = head(&[("host", "a")], "http://u@a/", Version::HTTP_11);
+        assert_eq!(
+            check_head(&userinfo, &Limits::default())
+                .unwrap_err()
+                .status,
+            StatusCode::BAD_REQUEST
+        );
+        let absolute = head(&[("host", "other")], "http://a:81/", Version::HTTP_11);
+        assert!(check_head(&absolute, &Limits::default()).is_ok());
     }
 
     #[test]
@@ -187,6 +241,18 @@ mod tests {
             ]),
             Some(StatusCode::NOT_IMPLEMENTED)
         );
+        assert_eq!(
+            status(&[("host", "a"), ("transfer-encoding", "chunked, Chunked")]),
+            Some(StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(
+            status(&[
+                ("host", "a"),
+                ("transfer-encoding", "chunked"),
+                ("transfer-encoding", "chunked")
+            ]),
+            Some(StatusCode::BAD_REQUEST)
+        );
     }
 
     proptest! {
@@ -204,6 +270,32 @@ mod tests {
             let parts = head(&[("host", "a")], &path, Version::HTTP_11);
             let rejected = check_head(&parts, &limits).is_err();
             prop_assert_eq!(rejected, path.len() > max);
+        }
+
+        #[test]
+        fn codings_decide_by_how_often_chunked_appears(codings in proptest::collection::vec(
+            prop_oneof![Just("chunked"), Just("CHUNKED"), Just("gzip"), Just("x-custom")], 1..6)
+        ) {
+            let value = codings.join(", ");
+            let chunked = codings.iter().filter(|c| c.eq_ignore_ascii_case("chunked")).count();
+            let expected = if chunked > 1 {
+                Some(StatusCode::BAD_REQUEST)
+            } else if chunked < codings.len() {
+                Some(StatusCode::NOT_IMPLEMENTED)
+            } else {
+                None
+            };
+            prop_assert_eq!(status(&[("host", "a"), ("transfer-encoding", &value)]), expected);
+        }
+
+        #[test]
+        fn any_host_value_is_checked_without_panicking(host in proptest::collection::vec(any::<u8>(), 0..40)) {
+            if let Ok(value) = http::HeaderValue::from_bytes(&host) {
+                let mut parts = head(&[], "/", Version::HTTP_11);
+                parts.headers.insert(HOST, value);
+                let refused = check_head(&parts, &Limits::default()).is_err();
+                prop_assert_eq!(refused, !host.is_empty() && parse_host_and_port(&host).is_none());
+            }
         }
 
         #[test]

@@ -220,14 +220,16 @@ impl BodySender {
         })
     }
 
-    /// Ends the body normally, with trailing header fields.
-    pub fn finish(self, fields: HeaderMap) {
+    /// Ends the body normally, with trailing header fields (sent once every
+    /// handle on this sender is gone).
+    pub fn finish(&self, fields: HeaderMap) {
         *self.trailers.lock().unwrap_or_else(|p| p.into_inner()) = Some(fields);
     }
 
     /// Ends the body as failed: the client sees a broken response, never a
-    /// truncated one that looks complete.
-    pub fn abort(self) {
+    /// truncated one that looks complete. Like `finish`, it takes effect once
+    /// every handle on this sender is gone.
+    pub fn abort(&self) {
         self.aborted.store(true, Ordering::Release);
     }
 }
@@ -273,6 +275,7 @@ mod tests {
         let (sender, body) = ResponseBody::channel();
         sender.try_send(Bytes::from_static(b"y")).unwrap();
         sender.finish(fields.clone());
+        drop(sender);
         let collected = body.collect().await.unwrap();
         assert_eq!(collected.trailers(), Some(&fields));
         assert_eq!(&collected.to_bytes()[..], b"y");
@@ -300,6 +303,7 @@ mod tests {
             .send_blocking(runtime.handle(), Bytes::from_static(b"two"), &Notify::new())
             .unwrap();
         sender.abort();
+        drop(sender);
         let mut body = body;
         runtime.block_on(async {
             assert_eq!(

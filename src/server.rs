@@ -6,9 +6,10 @@ use std::convert::Infallible;
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 
 use bytes::Bytes;
 use hyper::body::Incoming;
@@ -16,22 +17,23 @@ use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::runtime::{Handle, Runtime};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::{oneshot, Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::{timeout, timeout_at, Instant};
 use tracing::{debug, error, warn};
 
 use crate::body::{discard_briefly, read_body, stream_body, BodyError, RequestBody};
 use crate::connection::{
-    serve, write_request_timeout, Activity, ConnectionCount, Timeouts, WatchedIo,
+    serve, write_request_timeout, Activity, ConnectionCount, ConnectionGuard, Timeouts, WatchedIo,
 };
+use crate::dispatch::{Dispatcher, Policy, PushError};
 use crate::error::Error;
 use crate::h2_settings::H2Settings;
+use crate::health::Health;
 use crate::http2::H2Session;
 use crate::interim::{self, EarlyHints, InterimQueue};
 use crate::limits::{check_head, Limits};
 use crate::listener::{AsyncListener, Listener};
-use crate::queue::{JobQueue, PushError};
 use crate::request::{Job, RequestData, ServerInfo};
 use crate::response::{plain_response, ResponseBody};
 use crate::session::{http1_starter, sniff, Protocol, TrackedBody};
@@ -67,6 +69,11 @@ pub struct ServerOptions {
     /// requests, so keep-alive clients reconnect now and then and the kernel
     /// spreads them afresh across SO_REUSEPORT workers. None: no limit.
     pub max_keepalive_requests: Option<u32>,
+    /// At most this many connections at once, over all listeners (an HTTP/2
+    /// connection is one). At the limit nothing more is accepted until one
+    /// closes: new connections wait in the kernel's backlog, where a sibling
+    /// worker sharing the socket can take them. None: no limit.
+    pub max_connections: Option<usize>,
     /// The app may send `103 Early Hints` (`rack.early_hints`).
     pub early_hints: bool,
 }
@@ -84,6 +91,7 @@ impl Default for ServerOptions {
             body_memory_limit: crate::body::DEFAULT_MEMORY_LIMIT,
             io_threads: 1,
             max_keepalive_requests: Some(DEFAULT_MAX_KEEPALIVE_REQUESTS),
+            max_connections: None,
             early_hints: false,
         }
     }
@@ -91,17 +99,20 @@ impl Default for ServerOptions {
 
 /// State shared by the tokio side and the Ruby threads.
 pub struct Shared {
-    pub queue: JobQueue<Job>,
+    /// Requests waiting for an app thread, and the policy that wakes them.
+    pub queue: Dispatcher<Job>,
     pub stop: StopSignal,
     pub options: ServerOptions,
+    pub health: Health,
 }
 
 impl Shared {
     pub fn new(options: ServerOptions, max_pending: Option<usize>) -> Arc<Self> {
         Arc::new(Self {
-            queue: JobQueue::new(max_pending),
+            queue: Dispatcher::new(max_pending, Policy::default()),
             stop: StopSignal::default(),
             options,
+            health: Health::default(),
         })
     }
 }
@@ -114,16 +125,16 @@ pub struct Endpoint {
     pub tls: Option<TlsAcceptor>,
 }
 
-/// Running accept loops (one per endpoint) on their own tokio runtime.
+/// The accept loop (over every endpoint) on its own tokio runtime.
 pub struct Server {
     runtime: Runtime,
-    /// Ends once every accept loop has stopped and the connections of all of
+    /// Ends once the accept loop has stopped and the connections of all of
     /// them have drained (or `graceful_timeout` passed).
     accept_loop: JoinHandle<()>,
 }
 
 impl Server {
-    /// Starts the runtime and one accept loop per endpoint; all of them feed
+    /// Starts the runtime and the accept loop over all endpoints; all of them feed
     /// `shared.queue` and stop together on `shared.stop`. Must run after any
     /// fork: the runtime's threads exist only in the process that calls this.
     /// On an endpoint with `tls`, every connection is a TLS connection
@@ -159,7 +170,7 @@ impl Server {
         self.runtime.handle()
     }
 
-    /// Blocks until the accept loops have stopped and drained (after a stop
+    /// Blocks until the accept loop has stopped and drained (after a stop
     /// was requested). Returns false if `cancel` was notified first.
     pub fn wait_stopped(&mut self, cancel: &Notify) -> bool {
         let accept_loop = &mut self.accept_loop;
@@ -178,32 +189,21 @@ impl Server {
     }
 }
 
-/// Runs one accept loop per endpoint until a stop, then waits (up to
-/// `graceful_timeout`) for the connections of all of them to finish.
-async fn serve_endpoints(
-    endpoints: Vec<(AsyncListener, Arc<ServerInfo>, Option<TlsAcceptor>)>,
-    shared: Arc<Shared>,
-) {
+/// A listener being served, with what its connections need.
+type Serving = (AsyncListener, Arc<ServerInfo>, Option<TlsAcceptor>);
+
+/// Accepts on every endpoint until a stop, closes the listeners, then waits
+/// (until `graceful_timeout` after the stop began) for their connections to
+/// finish.
+async fn serve_endpoints(endpoints: Vec<Serving>, shared: Arc<Shared>) {
     let connections = Arc::new(ConnectionCount::default());
-    let loops: Vec<JoinHandle<()>> = endpoints
-        .into_iter()
-        .map(|(listener, info, tls)| {
-            tokio::spawn(accept_loop(
-                listener,
-                info,
-                shared.clone(),
-                tls,
-                connections.clone(),
-            ))
-        })
-        .collect();
-    for accept_loop in loops {
-        // A loop only ends on stop; a panic inside one is tokio's to report.
-        if let Err(e) = accept_loop.await {
-            error!(error = %e, "an accept loop ended abnormally");
-        }
-    }
-    if timeout(shared.options.graceful_timeout, connections.drained())
+    accept_loop(&endpoints, &shared, &connections).await;
+    // Closing the listeners refuses new connections at once; the kernel
+    // backlog of a shared (SO_REUSEPORT or inherited) socket stays with the
+    // siblings that still listen.
+    drop(endpoints);
+    let deadline = shared.stop.deadline(shared.options.graceful_timeout);
+    if timeout_at(Instant::from_std(deadline), connections.drained())
         .await
         .is_err()
     {
@@ -214,54 +214,50 @@ async fn serve_endpoints(
     }
 }
 
-/// Accepts on one listener until a stop, then closes it.
+/// Accepts on all listeners until a stop, each connection in its own task.
+/// With `max_connections`, a slot is taken before accepting, so at the limit
+/// nothing is accepted until a connection closes and frees its slot. One
+/// loop serves every listener (polled from a rotating start, so a busy one
+/// cannot starve the others): a slot is never held by one listener's
+/// accept while another listener has connections waiting.
 async fn accept_loop(
-    listener: AsyncListener,
-    info: Arc<ServerInfo>,
-    shared: Arc<Shared>,
-    tls: Option<TlsAcceptor>,
-    connections: Arc<ConnectionCount>,
+    endpoints: &[Serving],
+    shared: &Arc<Shared>,
+    connections: &Arc<ConnectionCount>,
 ) {
+    let slots = shared
+        .options
+        .max_connections
+        .map(|max| Arc::new(Semaphore::new(max)));
     let stopped = shared.stop.stopped();
     tokio::pin!(stopped);
+    let _running = shared.health.accept_loop();
+    let mut next = 0;
     loop {
-        let accepted = tokio::select! {
+        let slot = match &slots {
+            None => None,
+            Some(slots) => tokio::select! {
+                biased;
+                _ = &mut stopped => break,
+                // The semaphore is never closed, so this never fails.
+                slot = slots.clone().acquire_owned() => slot.ok(),
+            },
+        };
+        let (index, accepted) = tokio::select! {
             biased;
             _ = &mut stopped => break,
-            accepted = accept(&listener) => accepted,
+            accepted = accept_any(endpoints, &mut next) => accepted,
         };
+        let (_, info, tls) = &endpoints[index];
+        let held = (connections.enter(), slot);
         match accepted {
             Ok(Accepted::Tcp(stream, remote)) => {
                 // Responses are written whole or in large chunks; Nagle only adds latency.
                 let _ = stream.set_nodelay(true);
-                let (info, shared, live) = (info.clone(), shared.clone(), connections.enter());
-                let tls = tls.clone();
-                tokio::spawn(async move {
-                    let _live = live;
-                    let peer = Peer {
-                        remote_addr: remote,
-                        client_cert: None,
-                    };
-                    match tls {
-                        None => serve_plaintext(stream, peer, info, shared).await,
-                        Some(acceptor) => serve_tls(acceptor, stream, peer, info, shared).await,
-                    }
-                });
+                spawn_connection(stream, remote, info, tls, shared, held);
             }
             Ok(Accepted::Unix(stream)) => {
-                let (info, shared, live) = (info.clone(), shared.clone(), connections.enter());
-                let tls = tls.clone();
-                tokio::spawn(async move {
-                    let _live = live;
-                    let peer = Peer {
-                        remote_addr: Arc::from("127.0.0.1"),
-                        client_cert: None,
-                    };
-                    match tls {
-                        None => serve_plaintext(stream, peer, info, shared).await,
-                        Some(acceptor) => serve_tls(acceptor, stream, peer, info, shared).await,
-                    }
-                });
+                spawn_connection(stream, Arc::from("127.0.0.1"), info, tls, shared, held);
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -270,10 +266,32 @@ async fn accept_loop(
             }
         }
     }
-    // Closing the listener refuses new connections at once; the kernel
-    // backlog of a shared (SO_REUSEPORT or inherited) socket stays with the
-    // siblings that still listen.
-    drop(listener);
+}
+
+/// Serves an accepted connection in its own task, which holds `held` (its
+/// place in the drain count and its `max_connections` slot) until it ends.
+fn spawn_connection<S>(
+    stream: S,
+    remote_addr: Arc<str>,
+    info: &Arc<ServerInfo>,
+    tls: &Option<TlsAcceptor>,
+    shared: &Arc<Shared>,
+    held: (ConnectionGuard, Option<OwnedSemaphorePermit>),
+) where
+    S: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
+{
+    let (info, shared, tls) = (info.clone(), shared.clone(), tls.clone());
+    tokio::spawn(async move {
+        let _held = held;
+        let peer = Peer {
+            remote_addr,
+            client_cert: None,
+        };
+        match tls {
+            None => serve_plaintext(stream, peer, info, shared).await,
+            Some(acceptor) => serve_tls(acceptor, stream, peer, info, shared).await,
+        }
+    });
 }
 
 enum Accepted {
@@ -281,13 +299,34 @@ enum Accepted {
     Unix(tokio::net::UnixStream),
 }
 
-async fn accept(listener: &AsyncListener) -> io::Result<Accepted> {
-    match listener {
-        AsyncListener::Tcp(l) => {
-            let (stream, peer) = l.accept().await?;
-            Ok(Accepted::Tcp(stream, Arc::from(peer.ip().to_string())))
+/// The next connection on any listener, and which listener it came from.
+/// Listeners are tried from `next` on, which then moves past the one that
+/// answered.
+fn accept_any<'a>(
+    endpoints: &'a [Serving],
+    next: &'a mut usize,
+) -> impl std::future::Future<Output = (usize, io::Result<Accepted>)> + 'a {
+    std::future::poll_fn(move |cx| {
+        let count = endpoints.len();
+        for offset in 0..count {
+            let index = (*next + offset) % count;
+            if let Poll::Ready(accepted) = poll_accept(&endpoints[index].0, cx) {
+                *next = (index + 1) % count;
+                return Poll::Ready((index, accepted));
+            }
         }
-        AsyncListener::Unix(l) => Ok(Accepted::Unix(l.accept().await?.0)),
+        Poll::Pending
+    })
+}
+
+fn poll_accept(listener: &AsyncListener, cx: &mut Context<'_>) -> Poll<io::Result<Accepted>> {
+    match listener {
+        AsyncListener::Tcp(l) => l
+            .poll_accept(cx)
+            .map_ok(|(stream, peer)| Accepted::Tcp(stream, Arc::from(peer.ip().to_string()))),
+        AsyncListener::Unix(l) => l
+            .poll_accept(cx)
+            .map_ok(|(stream, _)| Accepted::Unix(stream)),
     }
 }
 
@@ -312,8 +351,7 @@ where
         unsafe { write_request_timeout(fd) };
         return;
     };
-    let raw_fd = (protocol == Protocol::Http1).then_some(fd);
-    serve_connection(stream, protocol, prefix, raw_fd, peer, info, shared).await
+    serve_connection(stream, protocol, prefix, peer, info, shared).await
 }
 
 /// Runs the TLS handshake (bounded by `read_timeout`), then serves. A failed
@@ -342,9 +380,7 @@ async fn serve_tls<S>(
         Some(b"h2") => Protocol::Http2,
         _ => Protocol::Http1,
     };
-    // No raw 408 under TLS: it would have to be encrypted; a timed-out head
-    // just closes.
-    serve_connection(stream, protocol, Bytes::new(), None, peer, info, shared).await
+    serve_connection(stream, protocol, Bytes::new(), peer, info, shared).await
 }
 
 /// What the requests of one connection share.
@@ -405,14 +441,11 @@ impl ConnectionContext {
 }
 
 /// Serves one connection until it ends, in `protocol` (HTTP/1.1 or 2);
-/// `prefix` holds bytes already read from it. `plaintext_fd` is the socket's
-/// descriptor when bytes can be written to it directly (not TLS).
-#[allow(clippy::too_many_arguments)]
+/// `prefix` holds bytes already read from it.
 async fn serve_connection<S>(
     stream: S,
     protocol: Protocol,
     prefix: Bytes,
-    plaintext_fd: Option<RawFd>,
     peer: Peer,
     info: Arc<ServerInfo>,
     shared: Arc<Shared>,
@@ -432,6 +465,7 @@ async fn serve_connection<S>(
     let options = &shared.options;
     let timeouts = Timeouts {
         read: options.read_timeout,
+        max_request_read: options.max_request_read,
         idle: options.idle_timeout,
         write: options.write_timeout,
     };
@@ -442,7 +476,7 @@ async fn serve_connection<S>(
             let interim = context.interim.clone();
             let service = service_fn(move |request| context.respond_http1(request));
             let start = http1_starter(options, interim, service);
-            serve(io, start, plaintext_fd, activity, timeouts, stop).await;
+            serve(io, start, activity, timeouts, stop).await;
         }
         Protocol::Http2 => {
             let start = |io| {
@@ -454,7 +488,7 @@ async fn serve_connection<S>(
                 };
                 H2Session::new(io, options, activity.clone(), respond)
             };
-            serve(io, start, plaintext_fd, activity.clone(), timeouts, stop).await;
+            serve(io, start, activity.clone(), timeouts, stop).await;
         }
     }
 }
@@ -570,7 +604,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::queue::Pop;
+    use crate::dispatch::Pop;
     use crate::response::AppResponse;
     use bytes::Bytes;
     use std::io::{Read, Write};
@@ -601,12 +635,12 @@ mod tests {
     fn echo_server_on(
         endpoints: Vec<Endpoint>,
     ) -> (Server, Arc<Shared>, std::thread::JoinHandle<()>) {
-        echo_server_with(ServerOptions::default(), endpoints)
+        echo_server_with(endpoints, ServerOptions::default())
     }
 
     fn echo_server_with(
-        options: ServerOptions,
         endpoints: Vec<Endpoint>,
+        options: ServerOptions,
     ) -> (Server, Arc<Shared>, std::thread::JoinHandle<()>) {
         let shared = Shared::new(options, None);
         let server = Server::start(endpoints, shared.clone()).unwrap();
@@ -614,7 +648,8 @@ mod tests {
             let shared = shared.clone();
             std::thread::spawn(move || {
                 let flag = AtomicBool::new(false);
-                while let Pop::Job(job) = shared.queue.pop(&flag) {
+                let consumer = shared.queue.consumer();
+                while let Pop::Job(job) = shared.queue.pop(&consumer, &flag) {
                     if let (Some(hints), "/hints") =
                         (&job.request.early_hints, job.request.head.uri.path())
                     {
@@ -697,7 +732,7 @@ mod tests {
             early_hints: true,
             ..ServerOptions::default()
         };
-        let (mut server, shared, consumer) = echo_server_with(options, vec![endpoint]);
+        let (mut server, shared, consumer) = echo_server_with(vec![endpoint], options);
         let out = exchange(
             port,
             b"GET /hints HTTP/1.1\r\nHost: x\r\n\r\n\
@@ -794,6 +829,52 @@ mod tests {
         assert!(TcpStream::connect(("127.0.0.1", first_port)).is_err());
         assert!(TcpStream::connect(("127.0.0.1", second_port)).is_err());
         assert!(std::os::unix::net::UnixStream::connect(&path).is_err());
+        shared.queue.close();
+        consumer.join().unwrap();
+        server.shutdown();
+    }
+
+    #[test]
+    fn at_max_connections_nothing_is_accepted_on_any_listener_until_one_closes() {
+        let (first, first_port) = plain_endpoint();
+        let (second, second_port) = plain_endpoint();
+        let options = ServerOptions {
+            max_connections: Some(1),
+            ..ServerOptions::default()
+        };
+        let (mut server, shared, consumer) = echo_server_with(vec![first, second], options);
+        let mut open = TcpStream::connect(("127.0.0.1", first_port)).unwrap();
+        open.write_all(b"GET /kept HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut answer = [0u8; 256];
+        assert!(open.read(&mut answer).unwrap() > 0);
+
+        let mut waiting = TcpStream::connect(("127.0.0.1", second_port)).unwrap();
+        waiting
+            .write_all(b"GET /waiting HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        waiting
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let early = waiting.read(&mut answer);
+        assert!(
+            early.is_err(),
+            "answered at the limit: {:?}",
+            early.map(|n| String::from_utf8_lossy(&answer[..n]).into_owned())
+        );
+        drop(open);
+        waiting
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut out = String::new();
+        waiting.read_to_string(&mut out).unwrap();
+        assert!(
+            out.ends_with(&format!("GET /waiting 0 http:{second_port}")),
+            "{out}"
+        );
+
+        shared.stop.stop();
+        assert!(server.wait_stopped(&Notify::new()));
         shared.queue.close();
         consumer.join().unwrap();
         server.shutdown();

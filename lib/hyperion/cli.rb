@@ -36,7 +36,9 @@ module Hyperion
       ["--max-keepalive-requests COUNT", :max_keepalive_requests, Integer,
        "Close an HTTP/1.1 connection after this many requests, 0 for no limit (default 1000)"],
       ["--max-pending COUNT", :max_pending, Integer,
-       "Requests allowed to wait for a thread before new ones get 503 (default: no limit)"]
+       "Requests allowed to wait for a thread before new ones get 503 (default: no limit)"],
+      ["--max-connections COUNT", :max_connections, Integer,
+       "Connections a worker serves at once; beyond it, it stops accepting until one closes (default: no limit)"]
     ].freeze
 
     def initialize(argv, out: $stdout, err: $stderr)
@@ -55,6 +57,7 @@ module Hyperion
       config = configure(flags)
       LogFiles.open(config.stdout_redirect)
       binds = resolve_binds(config, flags)
+      check_worker_settings(config)
       reuseport = config.workers > 1 && worker_model(config) == :reuseport
       app = load_rackup(flags[:rackup]) if config.workers == 1 || config.preload_app || flags[:check]
       check_rackup(flags[:rackup]) unless app # workers load it after the fork
@@ -133,6 +136,16 @@ module Hyperion
       @err.puts "hyperion master: #{message}"
     end
 
+    # Cluster workers are built after the fork: a bad limit must stop the
+    # master at boot (and --check), not every worker it forks. Worker.new
+    # only validates; nothing binds or runs.
+    def check_worker_settings(config)
+      Worker.new(host: "127.0.0.1", port: 0, app: ->(_env) {}, read_timeout: config.read_timeout,
+                 thread_count: config.threads, config: config, h2_settings: config.h2, **config.limits)
+    rescue ArgumentError, TypeError => e
+      raise ConfigError, flag_message(e)
+    end
+
     def build_worker(config, listeners, sockets, app, index)
       address = sockets.first.local_address
       tls = sockets.each_index.map { |i| listeners.tls_at(i) }
@@ -145,9 +158,13 @@ module Hyperion
                  listener: sockets.size == 1 ? sockets.first : sockets, tls: tls,
                  h2_settings: config.h2, early_hints: config.early_hints, worker_index: index, **config.limits)
     rescue ArgumentError, TypeError => e
-      # Worker messages start with the keyword; name the flag instead.
-      flag = LIMIT_FLAGS.find { |(_, keyword)| e.message.start_with?("#{keyword}:") }
-      raise ConfigError, flag ? e.message.sub(/\A#{flag[1]}:/, "#{flag[0].split.first}:") : e.message
+      raise ConfigError, flag_message(e)
+    end
+
+    # Worker messages start with the keyword; name the flag instead.
+    def flag_message(error)
+      flag = LIMIT_FLAGS.find { |(_, keyword)| error.message.start_with?("#{keyword}:") }
+      flag ? error.message.sub(/\A#{flag[1]}:/, "#{flag[0].split.first}:") : error.message
     end
 
     # A cluster's master listens before it forks, so it can say so at once

@@ -21,6 +21,11 @@ module Hyperion
     QUICK_DEATH = 5.0
     MAX_QUICK_DEATHS = 5
     OLD_WORKERS_ENV = "HYPERION_OLD_WORKERS"
+    # A stopping worker drains within graceful_timeout, then kills the app
+    # threads still busy (up to 2 s for them to unwind), shuts its I/O
+    # runtime down (up to 1 s) and runs on_worker_shutdown: the master waits
+    # this much longer than graceful_timeout before it KILLs the worker.
+    STOP_SLACK = 5
 
     # One forked worker. `index` is nil for a worker inherited from the
     # image before a hot restart.
@@ -100,6 +105,10 @@ module Hyperion
       @log.call("worker #{index} started (pid #{pid})")
     end
 
+    # Runs in the forked child. It ends the way a forked Puma worker does,
+    # through `exit`: at_exit handlers run and $stdout is flushed (APM and
+    # log flushes), and since this is a fork block the child exits there and
+    # never returns into the master's code.
     def run_child(index, sockets, heartbeat, master)
       monitor = WorkerMonitor.new(signals: %w[HUP TTIN TTOU USR1 USR2], interval: heartbeat_interval,
                                   heartbeat: heartbeat, master_pid: master,
@@ -108,13 +117,15 @@ module Hyperion
       worker = @build_worker.call(index, sockets)
       monitor.start(worker)
       worker.run
-      exit!(0)
+      exit(0)
+    rescue SystemExit
+      raise
     rescue Hyperion::Error => e
       warn "hyperion: worker #{index}: #{e.message}"
-      exit!(1)
-    rescue Exception => e # rubocop:disable Lint/RescueException -- a forked child must never fall back into the master's code
+      exit(1)
+    rescue Exception => e # rubocop:disable Lint/RescueException -- report anything that ends a worker, then exit
       warn "hyperion: worker #{index}: #{e.class}: #{e.message}"
-      exit!(1)
+      exit(1)
     end
 
     def heartbeat_interval = [Float(@config.worker_timeout) / 4, 5.0].min
@@ -313,12 +324,12 @@ module Hyperion
       @children.each { |child| signal(child.pid, "HUP") }
     end
 
-    # TERM to every worker, wait graceful_timeout, KILL what is left.
+    # TERM to every worker, wait graceful_timeout (+ STOP_SLACK), KILL what is left.
     def stop_all
       Systemd.notify("STOPPING=1")
       pids = @children.map(&:pid)
       pids.each { |pid| signal(pid, "TERM") }
-      deadline = monotonic + Float(@config.graceful_timeout) + 1
+      deadline = monotonic + Float(@config.graceful_timeout) + STOP_SLACK
       pids.each do |pid|
         remaining = deadline - monotonic
         next if remaining.positive? && wait_for(pid, remaining)

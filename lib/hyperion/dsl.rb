@@ -6,7 +6,9 @@ module Hyperion
   # the file, the line and what to fix.
   class DSL
     LIMITS = %i[max_body_bytes max_uri_bytes max_header_bytes max_headers idle_timeout write_timeout
-                max_request_read_seconds max_pending max_keepalive_requests].freeze
+                max_request_read_seconds max_pending max_keepalive_requests max_connections].freeze
+    # Limits whose 0 would refuse everything; the others take 0 as it comes.
+    AT_LEAST_ONE = %i[max_connections].freeze
 
     def self.load(path, config)
       new(config, path).instance_eval(File.read(path), path, 1)
@@ -103,7 +105,9 @@ module Hyperion
 
     LIMITS.each do |name|
       define_method(name) do |value|
-        @config.limits[name] = name.end_with?("timeout", "seconds") ? seconds(name, value) : integer(name, value, 0..)
+        @config.limits[name] = if name.end_with?("timeout", "seconds") then seconds(name, value)
+                               else integer(name, value, AT_LEAST_ONE.include?(name) ? 1.. : 0..)
+                               end
       end
     end
 

@@ -6,9 +6,16 @@ module Hyperion
   # A thread beside a running Worker, in the worker's own process. It turns
   # the signals the Worker does not handle itself into actions and, in a
   # cluster, beats the heart the master listens to: a byte down a pipe every
-  # `interval` seconds ("b" once the worker serves). When the master is gone
-  # (the parent pid changed) it stops the worker, so nothing is orphaned.
+  # `interval` seconds ("b" once the worker serves). A beat is only sent while
+  # `Worker#healthy?` says the worker still serves (its I/O runtime runs,
+  # it accepts, it has app threads that take queued requests), so a wedged
+  # worker falls silent and the master replaces it after worker_timeout.
+  # When the master is gone (the parent pid changed) it stops the worker, so
+  # nothing is orphaned.
   class WorkerMonitor
+    # Queued by #stop after whatever is pending: the thread ends on it.
+    FINISH = :finish
+
     def initialize(signals:, interval:, on_signal:, heartbeat: nil, master_pid: nil)
       @signals = SignalQueue.new(signals)
       @interval = interval
@@ -37,8 +44,11 @@ module Hyperion
       @signals.push(name)
     end
 
+    # Handles what is already queued (a STOP notice must still reach
+    # systemd), then ends the thread.
     def stop
-      @thread&.kill
+      @signals.push(FINISH)
+      @thread&.join(5) || @thread&.kill
       @signals.close
     end
 
@@ -47,8 +57,12 @@ module Hyperion
     def watch
       loop do
         names, = @signals.wait(@interval)
-        names.each { |name| @on_signal.call(name, @worker) }
-        beat("h")
+        names.each do |name|
+          return if name == FINISH
+
+          @on_signal.call(name, @worker)
+        end
+        beat("h") if @worker.healthy?
         next unless @master_pid && Process.ppid != @master_pid
 
         warn "hyperion: worker #{Process.pid}: the master (pid #{@master_pid}) is gone; stopping"

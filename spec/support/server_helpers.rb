@@ -9,12 +9,19 @@ module ServerHelpers
   HYPERION = File.join(ROOT, "bin/hyperion")
   FIXTURES = File.join(ROOT, "spec/fixtures")
 
+  # The read timeout of in-process workers: short, except under GC.stress,
+  # where a client inside the stressed process may take many seconds to send
+  # a request head. A test must not depend on the machine's speed.
+  def spec_read_timeout = gc_stressed? ? 600 : 5
+
+  def gc_stressed? = ENV["HYPERION_GC_STRESS"] == "1"
+
   # Runs a Hyperion::Worker in a thread on a free 127.0.0.1 port and yields
   # the port; stops it afterwards. Returns whatever the block returns.
   def with_worker(app, thread_count: 2, config: nil, **options)
     listener = options.delete(:listener) || TCPServer.new("127.0.0.1", 0)
     port = listener.respond_to?(:local_address) && listener.local_address.ip? ? listener.local_address.ip_port : 0
-    worker = Hyperion::Worker.new(host: "127.0.0.1", port: port, app: app, read_timeout: 5,
+    worker = Hyperion::Worker.new(host: "127.0.0.1", port: port, app: app, read_timeout: spec_read_timeout,
                                   thread_count: thread_count, config: config, listener: listener, **options)
     runner = Thread.new { worker.run }
     runner.report_on_exception = false
@@ -135,15 +142,46 @@ module ServerHelpers
     Open3.capture2e(env, RbConfig.ruby, "-I", File.join(ROOT, "lib"), "-e", script, *args)
   end
 
-  # With HYPERION_GC_STRESS=1 (rake gc_stress), runs the block under GC.stress.
-  def gc_stress
-    return yield unless ENV["HYPERION_GC_STRESS"] == "1"
+  # With HYPERION_GC_STRESS=1 (rake gc_stress), runs the block under
+  # GC.stress, so an object Rust holds without marking it is collected.
+  #
+  # With HYPERION_GC_COMPACT=1 as well (the second pass), GC.auto_compact is
+  # on and objects move, so an object Rust keeps where the GC cannot update
+  # it is caught; references are verified after the block. Compacting on
+  # every stressed GC of a whole request takes minutes per request, so only
+  # blocks that ask for it (`compact_every_gc: true`: building Workers from
+  # option Hashes) keep GC.stress on in this pass; the apps instead call
+  # `compact_here` at the points where Rust holds references mid-request.
+  def gc_stress(compact_every_gc: false)
+    return yield unless gc_stressed?
 
-    GC.stress = true
+    GC.auto_compact = true if gc_compacting?
+    GC.stress = true if !gc_compacting? || compact_every_gc
     begin
       yield
     ensure
       GC.stress = false
+      if gc_compacting?
+        GC.auto_compact = false
+        GC.verify_compaction_references(toward: :empty, double_heap: true)
+      end
     end
+  end
+
+  def gc_compacting? = gc_stressed? && ENV["HYPERION_GC_COMPACT"] == "1"
+
+  # In the compaction pass, moves every movable object now and verifies the
+  # references: apps call it where the server holds Ruby objects.
+  def compact_here
+    GC.verify_compaction_references(toward: :empty, double_heap: true) if gc_compacting?
+  end
+
+  # GET over plain HTTP with curl: a client outside this process, unaffected
+  # by GC.stress here. Returns the body.
+  def curl_get(url)
+    out, status = Open3.capture2("curl", "-sS", "--max-time", "300", url)
+    raise "curl #{url} failed: #{status.inspect}" unless status.success?
+
+    out
   end
 end

@@ -20,9 +20,7 @@ impl EarlyHints {
     }
 
     fn call(ruby: &Ruby, rb_self: &Self, headers: Value) -> Result<(), Error> {
-        let fields = header_fields(ruby, headers)
-            .map_err(|message| Error::new(ruby.exception_arg_error(), message))?;
-        rb_self.0.send(fields);
+        rb_self.0.send(header_fields(ruby, headers)?);
         Ok(())
     }
 }

@@ -1,7 +1,7 @@
 //! Builds a fresh Rack env Hash per request: the superset that Rack 2.2 and
 //! Rack 3 apps both accept (see the README's env table).
 
-use std::os::fd::IntoRawFd;
+use std::os::fd::{FromRawFd, IntoRawFd};
 
 use http::{HeaderMap, Method, Version};
 use magnus::prelude::*;
@@ -10,7 +10,7 @@ use magnus::{Error, IntoValue, RHash, RString, Ruby, Value};
 
 use super::keys::*;
 use crate::body::RequestBody;
-use crate::host::{env_header_key, server_name_and_port, EnvHeaderKey};
+use crate::host::{env_header_key, request_authority, server_name_and_port, EnvHeaderKey};
 use crate::request::RequestData;
 
 /// Per-worker values that every env carries.
@@ -61,22 +61,20 @@ pub(crate) fn build_env(
     set(&SERVER_SOFTWARE, ruby.get_inner(&SOFTWARE).as_value())?;
     set(&REMOTE_ADDR, bytes(remote_addr.as_bytes()))?;
 
-    let authority = head
-        .headers
-        .get(http::header::HOST)
-        .and_then(|h| h.to_str().ok())
-        .or_else(|| head.uri.authority().map(|a| a.as_str()));
-    let (name, port) =
-        server_name_and_port(authority, server.default_port(), &server.host, server.port);
+    let (name, port) = server_name_and_port(
+        request_authority(&head),
+        server.default_port(),
+        &server.host,
+        server.port,
+    );
     set(&SERVER_NAME, bytes(name.as_bytes()))?;
     set(&SERVER_PORT, bytes(port.as_bytes()))?;
 
     set_headers(ruby, env, &head.headers, &body)?;
-    // HTTP/2 carries the host in :authority; give apps their HTTP_HOST.
-    if !head.headers.contains_key(http::header::HOST) {
-        if let Some(authority) = head.uri.authority() {
-            set(&HTTP_HOST, bytes(authority.as_str().as_bytes()))?;
-        }
+    // The target's authority (absolute form, HTTP/2's :authority) wins over
+    // a Host header (RFC 9112 §3.2.2), and is HTTP/2's only host.
+    if let Some(authority) = head.uri.authority() {
+        set(&HTTP_HOST, bytes(authority.as_str().as_bytes()))?;
     }
 
     set(
@@ -202,12 +200,41 @@ fn input_value(
         RequestBody::Memory(bytes) => ruby
             .get_inner(&STRING_IO)
             .new_instance((ruby.str_from_slice(&bytes),)),
-        RequestBody::File { file, .. } => {
-            // The File object takes ownership of the descriptor (autoclose).
-            let fd = file.into_raw_fd();
-            ruby.get_inner(&FILE).funcall("for_fd", (fd, "rb"))
-        }
+        RequestBody::File { file, .. } => spilled_body_file(file),
     }
+}
+
+/// Wraps a spilled body's descriptor in a binary Ruby File that owns it.
+/// Made with `rb_io_fdopen`, which runs no Ruby code and checks no
+/// interrupts: `File.for_fd` could raise (a `Thread#raise` arriving) either
+/// before it took the descriptor, leaking it, or after, and then closing it
+/// here would close it twice.
+fn spilled_body_file(file: std::fs::File) -> Result<Value, Error> {
+    let fd = file.into_raw_fd();
+    let io = magnus::rb_sys::protect(|| {
+        // SAFETY: called with the GVL held; `fd` is an open descriptor that
+        // nothing else owns; the path is a NUL-terminated literal that Ruby
+        // copies. A raise (only NoMemoryError) is caught by rb_protect.
+        unsafe {
+            rb_sys::rb_io_fdopen(
+                fd,
+                nix::libc::O_RDONLY,
+                c"rack.input (unlinked temporary file)".as_ptr(),
+            )
+        }
+    })
+    .inspect_err(|_| {
+        // SAFETY: the File was not created, so `fd` is still ours alone.
+        drop(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+    })?;
+    // From here the File owns the descriptor (closed when it is collected).
+    magnus::rb_sys::protect(|| {
+        // SAFETY: `io` is the live File just created (on this stack); with
+        // the GVL held. Makes reads return binary (ASCII-8BIT) Strings.
+        unsafe { rb_sys::rb_io_ascii8bit_binmode(io) }
+    })?;
+    // SAFETY: `io` is a live VALUE on this stack.
+    Ok(unsafe { <Value as magnus::rb_sys::FromRawValue>::from_raw(io) })
 }
 
 fn stderr() -> Value {

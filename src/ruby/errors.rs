@@ -1,6 +1,7 @@
 //! Maps core errors to the exception classes defined in
 //! `lib/hyperion/errors.rb`, and logs Ruby exceptions through tracing.
 
+use magnus::error::ErrorType;
 use magnus::prelude::*;
 use magnus::value::Lazy;
 use magnus::{Error, ExceptionClass, Module, RArray, Ruby, Value};
@@ -66,6 +67,13 @@ fn class_name(value: Value) -> String {
         .ok()
         .flatten()
         .unwrap_or_else(|| "(anonymous class)".to_owned())
+}
+
+/// Whether `error` is a non-local exit (`Thread#kill`, process exit, `throw`
+/// to a `catch` further up) rather than an exception: it must be passed on,
+/// never logged and swallowed.
+pub(crate) fn is_non_local_exit(error: &Error) -> bool {
+    matches!(error.error_type(), ErrorType::Jump(_))
 }
 
 /// Logs an exception raised by application code (app, body, hook).

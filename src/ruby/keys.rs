@@ -75,7 +75,6 @@ fn constant<T: magnus::TryConvert>(ruby: &Ruby, path: &str) -> T {
 }
 
 pub(crate) static STRING_IO: Lazy<RClass> = Lazy::new(|ruby| constant(ruby, "StringIO"));
-pub(crate) static FILE: Lazy<RClass> = Lazy::new(|ruby| constant(ruby, "File"));
 pub(crate) static HYPERION: Lazy<RModule> = Lazy::new(|ruby| constant(ruby, "Hyperion"));
 pub(crate) static NULL_INPUT: Lazy<magnus::Value> =
     Lazy::new(|ruby| constant(ruby, "Hyperion::NULL_INPUT"));

@@ -106,6 +106,33 @@ pub(crate) fn wait_interruptibly<R>(
     }
 }
 
+/// Runs `func` without the GVL even when interrupts are pending, for short
+/// work that ends on its own (shutting the I/O runtime down, which waits at
+/// most its own timeout) and must not hold the GVL while it blocks. Pending
+/// interrupts are run first; an exception one of them raises is returned
+/// after `func` has run, so it is neither lost nor a reason to skip `func`.
+/// Ruby's unblock calls during `func` are ignored: it is bounded.
+pub(crate) fn run_bounded_without_gvl(func: impl FnOnce()) -> Result<(), Error> {
+    let mut func = Some(func);
+    let mut raised = None;
+    loop {
+        let ran = without_gvl(
+            || {
+                if let Some(func) = func.take() {
+                    func()
+                }
+            },
+            &|| {},
+        )?;
+        if ran.is_some() {
+            return raised.map_or(Ok(()), Err);
+        }
+        if let Err(e) = check_interrupts() {
+            raised.get_or_insert(e);
+        }
+    }
+}
+
 fn panic_error(panic: Box<dyn std::any::Any + Send>) -> Error {
     let detail = panic
         .downcast_ref::<&str>()

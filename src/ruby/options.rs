@@ -87,20 +87,27 @@ pub(crate) fn boolean(ruby: &Ruby, key: &str, value: Option<Value>) -> Result<Op
     }
 }
 
-/// Keys of an options Hash as strings (Symbol or String keys accepted).
-fn hash_entries(ruby: &Ruby, key: &str, value: Value) -> Result<Vec<(String, Value)>, Error> {
+/// Calls `each` with every entry of an options Hash, its key as a string
+/// (Symbol or String keys accepted). Values are converted inside the
+/// iteration, while the Hash holds them: a Value copied out to the Rust heap
+/// is invisible to the GC, which may move it (compaction) as soon as a
+/// conversion allocates.
+fn for_each_entry(
+    ruby: &Ruby,
+    key: &str,
+    value: Value,
+    mut each: impl FnMut(String, Value) -> Result<(), Error>,
+) -> Result<(), Error> {
     let hash = RHash::from_value(value).ok_or_else(|| type_error(ruby, key, "a Hash", value))?;
-    let mut entries = Vec::new();
     hash.foreach(|name: Value, v: Value| {
         let name = if let Some(sym) = Symbol::from_value(name) {
             sym.name()?.into_owned()
         } else {
             string(ruby, key, name)?
         };
-        entries.push((name, v));
+        each(name, v)?;
         Ok(magnus::r_hash::ForEach::Continue)
-    })?;
-    Ok(entries)
+    })
 }
 
 /// The sockets `listener:` hands in: nil (the worker binds host:port itself),
@@ -218,7 +225,7 @@ pub(crate) fn tls_per_listener(
 fn tls(ruby: &Ruby, key: &str, value: Value) -> Result<TlsSettings, Error> {
     let (mut cert, mut key_file, mut ca, mut verify, mut self_signed) =
         (None, None, None, None, false);
-    for (name, v) in hash_entries(ruby, key, value)? {
+    for_each_entry(ruby, key, value, |name, v| {
         match name.as_str() {
             "cert" => cert = Some(string(ruby, &format!("{key}: cert"), v)?),
             "key" => key_file = Some(string(ruby, &format!("{key}: key"), v)?),
@@ -240,7 +247,8 @@ fn tls(ruby: &Ruby, key: &str, value: Value) -> Result<TlsSettings, Error> {
                 ))
             }
         }
-    }
+        Ok(())
+    })?;
     let certificate = match (cert, key_file, self_signed) {
         (None, None, true) => Certificate::SelfSigned,
         (Some(_), _, true) | (_, Some(_), true) => {
@@ -294,16 +302,16 @@ pub(crate) fn h2_settings(ruby: &Ruby, value: Option<Value>) -> Result<Option<H2
         return Ok(None);
     };
     let mut settings = H2Settings::default();
-    for (name, v) in hash_entries(ruby, "h2_settings", value)? {
+    for_each_entry(ruby, "h2_settings", value, |name, v| {
         let n = integer(ruby, &format!("h2_settings: {name}"), v, i64::MIN, i64::MAX)?;
-        settings.set(&name, n).map_err(|m| arg_error(ruby, m))?;
-    }
+        settings.set(&name, n).map_err(|m| arg_error(ruby, m))
+    })?;
     Ok(Some(settings))
 }
 
 /// Worker keywords beyond the seed API: the limits and timeouts of
 /// docs/configuration.md, and `early_hints`.
-pub(crate) const LIMIT_KEYWORDS: [&str; 9] = [
+pub(crate) const LIMIT_KEYWORDS: [&str; 10] = [
     "max_body_bytes",
     "max_uri_bytes",
     "max_header_bytes",
@@ -312,6 +320,7 @@ pub(crate) const LIMIT_KEYWORDS: [&str; 9] = [
     "write_timeout",
     "graceful_timeout",
     "max_keepalive_requests",
+    "max_connections",
     "early_hints",
 ];
 
@@ -322,47 +331,51 @@ pub(crate) fn apply_limit_keywords(
     rest: RHash,
     options: &mut ServerOptions,
 ) -> Result<(), Error> {
-    let mut entries = Vec::new();
     rest.foreach(|key: Symbol, value: Value| {
-        entries.push((key.name()?.into_owned(), value));
+        let key = key.name()?.into_owned();
+        apply_limit_keyword(ruby, &key, value, options)?;
         Ok(magnus::r_hash::ForEach::Continue)
-    })?;
-    for (key, value) in entries {
-        let limits = &mut options.limits;
-        match key.as_str() {
-            "max_body_bytes" => {
-                limits.max_body_bytes = integer(ruby, &key, value, 0, i64::MAX)? as u64
+    })
+}
+
+fn apply_limit_keyword(
+    ruby: &Ruby,
+    key: &str,
+    value: Value,
+    options: &mut ServerOptions,
+) -> Result<(), Error> {
+    let limits = &mut options.limits;
+    match key {
+        "max_body_bytes" => limits.max_body_bytes = integer(ruby, key, value, 0, i64::MAX)? as u64,
+        "max_uri_bytes" => limits.max_uri_bytes = integer(ruby, key, value, 16, 1 << 20)? as usize,
+        "max_header_bytes" => {
+            limits.max_header_bytes = integer(ruby, key, value, 1024, 16 << 20)? as usize
+        }
+        "max_headers" => limits.max_headers = integer(ruby, key, value, 1, 10_000)? as usize,
+        "idle_timeout" => options.idle_timeout = seconds(ruby, key, value)?,
+        "write_timeout" => options.write_timeout = seconds(ruby, key, value)?,
+        "graceful_timeout" => options.graceful_timeout = seconds(ruby, key, value)?,
+        // 0 means no limit.
+        "max_keepalive_requests" => {
+            options.max_keepalive_requests = match integer(ruby, key, value, 0, u32::MAX as i64)? {
+                0 => None,
+                max => Some(max as u32),
             }
-            "max_uri_bytes" => {
-                limits.max_uri_bytes = integer(ruby, &key, value, 16, 1 << 20)? as usize
-            }
-            "max_header_bytes" => {
-                limits.max_header_bytes = integer(ruby, &key, value, 1024, 16 << 20)? as usize
-            }
-            "max_headers" => limits.max_headers = integer(ruby, &key, value, 1, 10_000)? as usize,
-            "idle_timeout" => options.idle_timeout = seconds(ruby, &key, value)?,
-            "write_timeout" => options.write_timeout = seconds(ruby, &key, value)?,
-            "graceful_timeout" => options.graceful_timeout = seconds(ruby, &key, value)?,
-            // 0 means no limit.
-            "max_keepalive_requests" => {
-                options.max_keepalive_requests =
-                    match integer(ruby, &key, value, 0, u32::MAX as i64)? {
-                        0 => None,
-                        max => Some(max as u32),
-                    }
-            }
-            "early_hints" => {
-                options.early_hints = boolean(ruby, &key, Some(value))?.unwrap_or(false)
-            }
-            _ => {
-                return Err(arg_error(
-                    ruby,
-                    format!(
-                        "unknown keyword: :{key} (also accepted: {})",
-                        LIMIT_KEYWORDS.join(", ")
-                    ),
-                ))
-            }
+        }
+        // nil means no limit.
+        "max_connections" => {
+            options.max_connections = optional_integer(ruby, key, Some(value), 1, u32::MAX as i64)?
+                .map(|max| max as usize)
+        }
+        "early_hints" => options.early_hints = boolean(ruby, key, Some(value))?.unwrap_or(false),
+        _ => {
+            return Err(arg_error(
+                ruby,
+                format!(
+                    "unknown keyword: :{key} (limits accepted: {})",
+                    LIMIT_KEYWORDS.join(", ")
+                ),
+            ))
         }
     }
     Ok(())

@@ -1,5 +1,11 @@
 //! Turns a Rack response triple into an `AppResponse` for the tokio side.
 //! Whatever happens, the body's `close` is called exactly once.
+//!
+//! A response that breaks the Rack SPEC, or whose objects raise while it is
+//! converted, becomes a 500 (or an aborted stream once bytes went out). A
+//! non-local exit inside the app's objects (`Thread#kill` or process exit in
+//! a body's `each`/`to_ary`/`close` or a headers `each`) is never swallowed:
+//! the body is closed, then the exit is returned so it ends the thread.
 
 use std::sync::{Arc, Mutex};
 
@@ -12,8 +18,9 @@ use magnus::value::Opaque;
 use magnus::{Error, Integer, RArray, RHash, RString, Ruby, Symbol, TryConvert, Value};
 use tokio::sync::{oneshot, Notify};
 
-use super::errors::{class_of, log_exception, CLIENT_DISCONNECTED};
+use super::errors::{class_of, is_non_local_exit, log_exception, CLIENT_DISCONNECTED};
 use super::nogvl::wait_interruptibly;
+use crate::fork_safe::ForkSafe;
 use crate::response::{AppResponse, BodySender, ResponseBody, SendError};
 
 /// Where the response goes, and what the tokio side needs to stream it.
@@ -27,36 +34,90 @@ pub(crate) struct Reply<'a> {
 /// A Rack response that breaks the SPEC, answered with 500.
 struct Invalid(String);
 
+/// Why a response cannot go out as the app gave it.
+enum Failure {
+    Invalid(String),
+    /// A non-local exit inside the app's objects, to be passed on.
+    Exit(Error),
+}
+
+impl From<Invalid> for Failure {
+    fn from(Invalid(message): Invalid) -> Self {
+        Failure::Invalid(message)
+    }
+}
+
+/// An error from calling into the app's objects: an exit is passed on, an
+/// exception makes the response invalid.
+fn failure(context: &str, error: Error) -> Failure {
+    if is_non_local_exit(&error) {
+        Failure::Exit(error)
+    } else {
+        Failure::Invalid(format!("{context}: {error}"))
+    }
+}
+
 /// Sends the app's response (or a 500 if it is not valid Rack), then closes
-/// the body.
-pub(crate) fn respond(ruby: &Ruby, rack_response: Value, reply: Reply<'_>) {
+/// the body. Returns the non-local exit that happened on the way, if any.
+pub(crate) fn respond(ruby: &Ruby, rack_response: Value, reply: Reply<'_>) -> Result<(), Error> {
+    let (status, headers, body) = match unpack(rack_response) {
+        Ok(parts) => parts,
+        Err(failed) => return answer_failure(reply.sender, failed),
+    };
+    let head = convert_status(status)
+        .map_err(Failure::from)
+        .and_then(|status| Ok((status, convert_headers(ruby, headers)?)));
+    let exit = match head {
+        Ok((status, headers)) => send_body(ruby, status, headers, body, reply).err(),
+        Err(failed) => answer_failure(reply.sender, failed).err(),
+    };
+    let closed = close_body(body);
+    exit.map_or(closed, Err)
+}
+
+fn unpack(rack_response: Value) -> Result<(Value, Value, Value), Failure> {
+    let not_a_triple = || {
+        Failure::Invalid(format!(
+            "app returned {}, expected [status, headers, body]",
+            class_of(rack_response)
+        ))
+    };
     let triple = match RArray::try_convert(rack_response) {
         Ok(triple) if triple.len() == 3 => triple,
-        _ => {
-            let message = format!(
-                "app returned {}, expected [status, headers, body]",
-                class_of(rack_response)
-            );
-            return send_error(reply.sender, &message);
-        }
+        Ok(_) => return Err(not_a_triple()),
+        Err(e) if is_non_local_exit(&e) => return Err(Failure::Exit(e)),
+        Err(_) => return Err(not_a_triple()),
     };
-    let (status, headers, body) = match (triple.entry(0), triple.entry(1), triple.entry(2)) {
-        (Ok(s), Ok(h), Ok(b)) => (s, h, b),
-        _ => return send_error(reply.sender, "app returned an unreadable response array"),
-    };
-    let head =
-        convert_status(status).and_then(|status| Ok((status, convert_headers(ruby, headers)?)));
-    match head {
-        Ok((status, headers)) => send_body(ruby, status, headers, body, reply),
-        Err(Invalid(message)) => send_error(reply.sender, &message),
+    match (triple.entry(0), triple.entry(1), triple.entry(2)) {
+        (Ok(s), Ok(h), Ok(b)) => Ok((s, h, b)),
+        _ => Err(Failure::Invalid(
+            "app returned an unreadable response array".into(),
+        )),
     }
-    close_body(body);
+}
+
+/// Answers a response that cannot be sent: 500, and an exit passed on.
+fn answer_failure(sender: oneshot::Sender<AppResponse>, failed: Failure) -> Result<(), Error> {
+    match failed {
+        Failure::Invalid(message) => {
+            send_error(sender, &message);
+            Ok(())
+        }
+        Failure::Exit(exit) => {
+            let _ = sender.send(AppResponse::plain(StatusCode::INTERNAL_SERVER_ERROR, false));
+            Err(exit)
+        }
+    }
 }
 
 /// Header fields from a Rack headers object, converted and checked as a
-/// response's are (for `rack.early_hints`); `Err` says what is wrong.
-pub(crate) fn header_fields(ruby: &Ruby, headers: Value) -> Result<HeaderMap, String> {
-    convert_headers(ruby, headers).map_err(|Invalid(message)| message)
+/// response's are (for `rack.early_hints`): what is invalid raises
+/// ArgumentError; a non-local exit passes through.
+pub(crate) fn header_fields(ruby: &Ruby, headers: Value) -> Result<HeaderMap, Error> {
+    convert_headers(ruby, headers).map_err(|failed| match failed {
+        Failure::Invalid(message) => Error::new(ruby.exception_arg_error(), message),
+        Failure::Exit(exit) => exit,
+    })
 }
 
 fn send_error(sender: oneshot::Sender<AppResponse>, message: &str) {
@@ -64,10 +125,17 @@ fn send_error(sender: oneshot::Sender<AppResponse>, message: &str) {
     let _ = sender.send(AppResponse::plain(StatusCode::INTERNAL_SERVER_ERROR, false));
 }
 
-fn close_body(body: Value) {
-    if body.respond_to("close", false).unwrap_or(false) {
-        if let Err(e) = body.funcall::<_, _, Value>("close", ()) {
+/// Calls `close` once; an exception is logged, an exit returned.
+fn close_body(body: Value) -> Result<(), Error> {
+    if !body.respond_to("close", false).unwrap_or(false) {
+        return Ok(());
+    }
+    match body.funcall::<_, _, Value>("close", ()) {
+        Ok(_) => Ok(()),
+        Err(e) if is_non_local_exit(&e) => Err(e),
+        Err(e) => {
             log_exception("response body #close raised", &e);
+            Ok(())
         }
     }
 }
@@ -87,13 +155,13 @@ fn convert_status(status: Value) -> Result<StatusCode, Invalid> {
         .ok_or_else(|| Invalid(format!("status {code} is out of range")))
 }
 
-fn convert_headers(ruby: &Ruby, headers: Value) -> Result<HeaderMap, Invalid> {
+fn convert_headers(ruby: &Ruby, headers: Value) -> Result<HeaderMap, Failure> {
     let mut map = HeaderMap::new();
     let mut problem = None;
     let mut add = |name: Value, value: Value| match add_header(&mut map, name, value) {
         Ok(()) => ForEach::Continue,
-        Err(invalid) => {
-            problem = Some(invalid);
+        Err(failed) => {
+            problem = Some(failed);
             ForEach::Stop
         }
     };
@@ -126,21 +194,21 @@ fn convert_headers(ruby: &Ruby, headers: Value) -> Result<HeaderMap, Invalid> {
                 })
             })
     } else {
-        return Err(Invalid(format!(
+        return Err(Failure::Invalid(format!(
             "headers must be a Hash (or respond to #each), got {}",
             class_of(headers)
         )));
     };
-    if let Some(invalid) = problem {
-        return Err(invalid);
+    if let Some(failed) = problem {
+        return Err(failed);
     }
-    iterated.map_err(|e| Invalid(format!("headers could not be iterated: {e}")))?;
+    iterated.map_err(|e| failure("headers could not be iterated", e))?;
     Ok(map)
 }
 
-fn add_header(map: &mut HeaderMap, name: Value, value: Value) -> Result<(), Invalid> {
+fn add_header(map: &mut HeaderMap, name: Value, value: Value) -> Result<(), Failure> {
     let Some(name) = RString::from_value(name) else {
-        return Err(Invalid(format!(
+        return Err(Failure::Invalid(format!(
             "header name must be a String, got {}",
             class_of(name)
         )));
@@ -152,7 +220,7 @@ fn add_header(map: &mut HeaderMap, name: Value, value: Value) -> Result<(), Inva
         return Ok(());
     }
     let header = HeaderName::from_bytes(&name_bytes).map_err(|_| {
-        Invalid(format!(
+        Failure::Invalid(format!(
             "header name {:?} is not a valid token",
             String::from_utf8_lossy(&name_bytes)
         ))
@@ -161,7 +229,7 @@ fn add_header(map: &mut HeaderMap, name: Value, value: Value) -> Result<(), Inva
     collect_header_lines(&header, value, &mut lines)?;
     for line in lines {
         let value = HeaderValue::from_maybe_shared(line).map_err(|_| {
-            Invalid(format!(
+            Failure::Invalid(format!(
                 "header {header} has a value with CR, NUL or another control character"
             ))
         })?;
@@ -177,7 +245,7 @@ fn collect_header_lines(
     header: &HeaderName,
     value: Value,
     lines: &mut Vec<Bytes>,
-) -> Result<(), Invalid> {
+) -> Result<(), Failure> {
     if value.is_nil() {
         return Ok(());
     }
@@ -189,9 +257,11 @@ fn collect_header_lines(
     }
     if let Some(array) = RArray::from_value(value) {
         for item in array_items(array) {
-            let item = item.map_err(|e| Invalid(e.to_string()))?;
+            let item = item.map_err(|e| failure("header value", e))?;
             if RArray::from_value(item).is_some() {
-                return Err(Invalid(format!("header {header} has a nested Array value")));
+                return Err(Failure::Invalid(format!(
+                    "header {header} has a nested Array value"
+                )));
             }
             collect_header_lines(header, item, lines)?;
         }
@@ -200,11 +270,11 @@ fn collect_header_lines(
     if Integer::from_value(value).is_some() || Symbol::from_value(value).is_some() {
         let text: String = value
             .funcall("to_s", ())
-            .map_err(|e| Invalid(e.to_string()))?;
+            .map_err(|e| failure("header value", e))?;
         lines.push(Bytes::from(text));
         return Ok(());
     }
-    Err(Invalid(format!(
+    Err(Failure::Invalid(format!(
         "header {header} must be a String or an Array of Strings, got {}",
         class_of(value)
     )))
@@ -223,38 +293,62 @@ fn chunk_bytes(chunk: Value) -> Result<Bytes, Invalid> {
 
 /// The trailing header fields of a body that has `trailers` (Rack 3), as
 /// gRPC uses for `grpc-status`.
-fn trailers(ruby: &Ruby, body: Value) -> Result<Option<HeaderMap>, Invalid> {
+fn trailers(ruby: &Ruby, body: Value) -> Result<Option<HeaderMap>, Failure> {
     if !body.respond_to("trailers", false).unwrap_or(false) {
         return Ok(None);
     }
     let fields: Value = body
         .funcall("trailers", ())
-        .map_err(|e| Invalid(format!("body#trailers raised: {e}")))?;
+        .map_err(|e| failure("body#trailers raised", e))?;
     if fields.is_nil() {
         return Ok(None);
     }
     convert_headers(ruby, fields).map(Some)
 }
 
+/// Statuses whose responses carry no content (RFC 9110 §6.4.1, §15.3.6).
+fn is_bodiless(status: StatusCode) -> bool {
+    status.is_informational()
+        || status == StatusCode::NO_CONTENT
+        || status == StatusCode::RESET_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+}
+
+/// The body as an Array, when it is one or has `to_ary`.
+fn body_array(body: Value) -> Result<Option<RArray>, Failure> {
+    if let Some(array) = RArray::from_value(body) {
+        return Ok(Some(array));
+    }
+    if !body.respond_to("to_ary", false).unwrap_or(false) {
+        return Ok(None);
+    }
+    body.funcall::<_, _, RArray>("to_ary", ())
+        .map(Some)
+        .map_err(|e| failure("body#to_ary", e))
+}
+
+/// Sends head and body; a body that cannot be sent is answered with 500.
+/// Returns a non-local exit that happened on the way.
 fn send_body(
     ruby: &Ruby,
     status: StatusCode,
     mut headers: HeaderMap,
     body: Value,
     reply: Reply<'_>,
-) {
+) -> Result<(), Error> {
     let respond = |body: ResponseBody, headers: HeaderMap, sender: oneshot::Sender<AppResponse>| {
         let _ = sender.send(AppResponse {
             status,
             headers,
             body,
         });
+        Ok(())
     };
-    let bodiless = reply.head_only
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
-    if bodiless {
+    if status == StatusCode::RESET_CONTENT {
+        // 205 must say it has no content, whatever the app declared.
+        headers.insert(CONTENT_LENGTH, HeaderValue::from(0));
+    }
+    if reply.head_only || is_bodiless(status) {
         // HEAD announces the length a GET would get, when it is cheap to
         // know (an Array body); the body itself is never iterated.
         let array_length = RArray::from_value(body).and_then(|array| {
@@ -271,40 +365,41 @@ fn send_body(
         }
         return respond(ResponseBody::Empty, headers, reply.sender);
     }
-    let array = RArray::from_value(body).or_else(|| {
-        body.respond_to("to_ary", false)
-            .unwrap_or(false)
-            .then(|| body.funcall::<_, _, RArray>("to_ary", ()).ok())
-            .flatten()
-    });
+    let array = match body_array(body) {
+        Ok(array) => array,
+        Err(failed) => return answer_failure(reply.sender, failed),
+    };
     if let Some(array) = array {
-        let chunks: Result<Vec<Bytes>, Invalid> = array_items(array)
+        let response_body = array_items(array)
             .map(|chunk| {
                 chunk
-                    .map_err(|e| Invalid(e.to_string()))
-                    .and_then(chunk_bytes)
+                    .map_err(|e| failure("body element", e))
+                    .and_then(|chunk| chunk_bytes(chunk).map_err(Failure::from))
             })
-            .collect();
-        let response_body = chunks.and_then(|chunks| {
-            let known = ResponseBody::from_chunks(chunks);
-            Ok(match trailers(ruby, body)? {
-                Some(fields) => known.with_trailers(fields),
-                None => known,
-            })
-        });
+            .collect::<Result<Vec<Bytes>, Failure>>()
+            .and_then(|chunks| {
+                let known = ResponseBody::from_chunks(chunks);
+                Ok(match trailers(ruby, body)? {
+                    Some(fields) => known.with_trailers(fields),
+                    None => known,
+                })
+            });
         return match response_body {
             Ok(response_body) => respond(response_body, headers, reply.sender),
-            Err(Invalid(message)) => send_error(reply.sender, &message),
+            Err(failed) => answer_failure(reply.sender, failed),
         };
     }
     if !body.respond_to("each", false).unwrap_or(false) {
         let message = format!("body must respond to #each, got {}", class_of(body));
-        return send_error(reply.sender, &message);
+        send_error(reply.sender, &message);
+        return Ok(());
     }
-    stream_each(ruby, status, headers, body, reply);
+    stream_each(ruby, status, headers, body, reply)
 }
 
-/// State of a body streamed through `#each`.
+/// State of a body streamed through `#each`. The lock around it is never
+/// held while waiting for the client: a block handed to other Ruby threads
+/// may be called from several at once.
 enum Stream {
     /// No chunk yet: a failure can still become a clean 500, and a body with
     /// no chunks gets Content-Length: 0.
@@ -313,7 +408,7 @@ enum Stream {
         status: StatusCode,
         headers: HeaderMap,
     },
-    Started(BodySender),
+    Started(Arc<BodySender>),
     Done,
 }
 
@@ -321,32 +416,16 @@ impl Stream {
     fn take(&mut self) -> Stream {
         std::mem::replace(self, Stream::Done)
     }
-}
 
-/// Iterates `body.each`, sending the head with the first chunk and each chunk
-/// as it comes (chunked on the wire unless the app set Content-Length).
-fn stream_each(ruby: &Ruby, status: StatusCode, headers: HeaderMap, body: Value, reply: Reply<'_>) {
-    let state = Arc::new(Mutex::new(Stream::Pending {
-        sender: reply.sender,
-        status,
-        headers,
-    }));
-    let runtime = reply.runtime.clone();
-    let block_state = state.clone();
-    let block = ruby.proc_from_fn(move |ruby, args, _block| -> Result<(), Error> {
-        let chunk = args
-            .first()
-            .copied()
-            .unwrap_or_else(|| ruby.qnil().as_value());
-        let chunk =
-            chunk_bytes(chunk).map_err(|Invalid(m)| Error::new(ruby.exception_type_error(), m))?;
-        let mut state = lock(&block_state);
-        if let Stream::Pending { .. } = &*state {
+    /// The body's sender, sending the head first if this is the first chunk;
+    /// `None` once the stream is over.
+    fn sender(&mut self) -> Option<Arc<BodySender>> {
+        if let Stream::Pending { .. } = self {
             let Stream::Pending {
                 sender,
                 status,
                 headers,
-            } = state.take()
+            } = self.take()
             else {
                 unreachable!("matched above");
             };
@@ -356,11 +435,46 @@ fn stream_each(ruby: &Ruby, status: StatusCode, headers: HeaderMap, body: Value,
                 headers,
                 body,
             });
-            *state = Stream::Started(body_sender);
+            *self = Stream::Started(Arc::new(body_sender));
         }
-        match &*state {
-            Stream::Started(sender) => send_chunk(ruby, sender, &runtime, chunk),
-            _ => Err(disconnected(ruby)),
+        match self {
+            Stream::Started(sender) => Some(sender.clone()),
+            _ => None,
+        }
+    }
+}
+
+/// Iterates `body.each`, sending the head with the first chunk and each chunk
+/// as it comes (chunked on the wire unless the app set Content-Length).
+/// Returns a non-local exit that cut the iteration short.
+fn stream_each(
+    ruby: &Ruby,
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Value,
+    reply: Reply<'_>,
+) -> Result<(), Error> {
+    let state = Arc::new(Mutex::new(Stream::Pending {
+        sender: reply.sender,
+        status,
+        headers,
+    }));
+    // The block's Proc is freed by Ruby, also at exit in a forked child,
+    // where what it holds must not be dropped (see `fork_safe`).
+    let runtime = ForkSafe::new(reply.runtime.clone());
+    let block_state = ForkSafe::new(state.clone());
+    let block = ruby.proc_from_fn(move |ruby, args, _block| -> Result<(), Error> {
+        let chunk = args
+            .first()
+            .copied()
+            .unwrap_or_else(|| ruby.qnil().as_value());
+        let chunk =
+            chunk_bytes(chunk).map_err(|Invalid(m)| Error::new(ruby.exception_type_error(), m))?;
+        // Taken out of the lock before waiting without the GVL.
+        let sender = lock(&block_state).sender();
+        match sender {
+            Some(sender) => send_chunk(ruby, &sender, &runtime, chunk),
+            None => Err(disconnected(ruby)),
         }
     });
     let result = body.funcall_with_block::<_, _, Value>("each", (), block);
@@ -377,35 +491,62 @@ fn stream_each(ruby: &Ruby, status: StatusCode, headers: HeaderMap, body: Value,
             let body = match trailers(ruby, body) {
                 Ok(Some(fields)) => ResponseBody::from_chunks(Vec::new()).with_trailers(fields),
                 Ok(None) => ResponseBody::Empty,
-                Err(Invalid(message)) => return send_error(sender, &message),
+                Err(failed) => return answer_failure(sender, failed),
             };
             let _ = sender.send(AppResponse {
                 status,
                 headers,
                 body,
             });
+            Ok(())
         }
         (Ok(_), Stream::Started(sender)) => match trailers(ruby, body) {
-            Ok(Some(fields)) => sender.finish(fields),
-            Ok(None) => {}
-            Err(Invalid(message)) => {
-                tracing::error!("invalid Rack response: {message}; connection aborted");
+            Ok(Some(fields)) => {
+                sender.finish(fields);
+                Ok(())
+            }
+            Ok(None) => Ok(()),
+            Err(failed) => {
                 sender.abort();
+                match failed {
+                    Failure::Invalid(message) => {
+                        tracing::error!("invalid Rack response: {message}; connection aborted");
+                        Ok(())
+                    }
+                    Failure::Exit(exit) => Err(exit),
+                }
             }
         },
-        (Ok(_), Stream::Done) => {}
+        (Ok(_), Stream::Done) => Ok(()),
+        (Err(e), state) if is_non_local_exit(&e) => {
+            match state {
+                Stream::Pending { sender, .. } => {
+                    let _ =
+                        sender.send(AppResponse::plain(StatusCode::INTERNAL_SERVER_ERROR, false));
+                }
+                Stream::Started(sender) => sender.abort(),
+                Stream::Done => {}
+            }
+            Err(e)
+        }
         (Err(e), _) if e.is_kind_of(ruby.get_inner(&CLIENT_DISCONNECTED)) => {
             tracing::debug!("client went away while the body was streaming");
+            Ok(())
         }
         (Err(e), Stream::Pending { sender, .. }) => {
             log_exception("response body raised", &e);
             send_error(sender, "response body raised before its first chunk");
+            Ok(())
         }
         (Err(e), Stream::Started(sender)) => {
             log_exception("response body raised mid-stream; connection aborted", &e);
             sender.abort();
+            Ok(())
         }
-        (Err(e), Stream::Done) => log_exception("response body raised", &e),
+        (Err(e), Stream::Done) => {
+            log_exception("response body raised", &e);
+            Ok(())
+        }
     }
 }
 

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, Notify};
 use super::errors::hyperion_error;
 use super::nogvl::wait_interruptibly;
 use crate::body::{BodyError, BodyStream};
+use crate::fork_safe::ForkSafe;
 
 struct State {
     /// `None` once the body has ended (or while a read waits for a chunk).
@@ -23,8 +24,10 @@ struct State {
 
 #[magnus::wrap(class = "Hyperion::StreamInput", free_immediately, size)]
 pub(crate) struct StreamInput {
-    state: Mutex<State>,
-    runtime: tokio::runtime::Handle,
+    /// Not dropped in a forked child (see `fork_safe`): the receiver would
+    /// wake a task of a runtime that has no threads there.
+    state: ForkSafe<Mutex<State>>,
+    runtime: ForkSafe<tokio::runtime::Handle>,
 }
 
 enum Next {
@@ -36,13 +39,13 @@ enum Next {
 impl StreamInput {
     pub(crate) fn new(stream: BodyStream, runtime: tokio::runtime::Handle) -> Self {
         Self {
-            state: Mutex::new(State {
+            state: ForkSafe::new(Mutex::new(State {
                 chunks: Some(stream.chunks),
                 received: Vec::new(),
                 position: 0,
                 ended: false,
-            }),
-            runtime,
+            })),
+            runtime: ForkSafe::new(runtime),
         }
     }
 

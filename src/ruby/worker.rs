@@ -3,22 +3,24 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use magnus::prelude::*;
 use magnus::scan_args::{get_kwargs, scan_args};
 use magnus::typed_data::Obj;
 use magnus::value::Opaque;
 use magnus::{
-    gc, DataTypeFunctions, Error, RArray, RHash, RModule, Ruby, Symbol, TypedData, Value,
+    gc, DataTypeFunctions, Error, Integer, RArray, RHash, RModule, Ruby, Symbol, TypedData, Value,
 };
 use tokio::sync::Notify;
 
 use super::app_thread::{self, AppContext};
 use super::env::EnvFlags;
 use super::errors::{hyperion_error, log_exception, to_ruby};
-use super::nogvl::wait_interruptibly;
+use super::nogvl::{run_bounded_without_gvl, wait_interruptibly};
 use super::options;
+use crate::fork_safe::ForkSafe;
 use crate::listener::Listener;
 use crate::request::ServerInfo;
 use crate::server::{Endpoint, Server, ServerOptions, Shared};
@@ -52,8 +54,11 @@ pub(crate) struct Worker {
     /// `options::listeners`), or `None` to bind host:port.
     listeners: Option<Opaque<RArray>>,
     settings: Settings,
-    shared: Arc<Shared>,
+    /// Not dropped in a forked child (see `fork_safe`).
+    shared: ForkSafe<Arc<Shared>>,
     started: AtomicBool,
+    /// The I/O runtime while `run` serves, for the liveness check's ping.
+    runtime: ForkSafe<Mutex<Option<tokio::runtime::Handle>>>,
 }
 
 impl DataTypeFunctions for Worker {
@@ -101,7 +106,7 @@ impl Worker {
     /// `options::LIMIT_KEYWORDS`. `listener:` is nil, a server socket or an
     /// Array of them; `tls:` is nil, a Hash (every listener) or, with an
     /// Array `listener:`, an Array of the same length of Hash or nil.
-    fn new(ruby: &Ruby, args: &[Value]) -> Result<Worker, Error> {
+    fn new(ruby: &Ruby, args: &[Value]) -> Result<Obj<Worker>, Error> {
         let args = scan_args::<(), (), (), (), RHash, ()>(args)?;
         let kwargs = get_kwargs::<_, (Value, Value, Value, Value), Optional, RHash>(
             args.keywords,
@@ -183,7 +188,17 @@ impl Worker {
             .const_get::<_, magnus::RClass>("Thread")?
             .const_get::<_, magnus::RClass>("Queue")?
             .new_instance(())?;
-        Ok(Worker {
+        // Until the Worker object exists to mark them, these objects are
+        // referenced only from here: keep them on this stack until it does.
+        let live = [
+            app,
+            config,
+            stop_requests,
+            listeners
+                .sockets
+                .map_or(ruby.qnil().as_value(), |s| s.as_value()),
+        ];
+        let worker = ruby.obj_wrap(Worker {
             app: app.into(),
             stop_requests: stop_requests.into(),
             config: config.into(),
@@ -200,9 +215,12 @@ impl Worker {
                     multiprocess: workers > 1,
                 },
             },
-            shared: Shared::new(server_options, max_pending.map(|n| n as usize)),
+            shared: ForkSafe::new(Shared::new(server_options, max_pending.map(|n| n as usize))),
             started: AtomicBool::new(false),
-        })
+            runtime: ForkSafe::new(Mutex::new(None)),
+        });
+        gc_guard(&live);
+        Ok(worker)
     }
 
     /// Asks `run` to stop accepting, drain and return. Safe from any thread
@@ -213,6 +231,28 @@ impl Worker {
         ruby.get_inner(rb_self.stop_requests)
             .funcall::<_, _, Value>("push", (true,))
             .map(|_| ())
+    }
+
+    /// `healthy?`: whether the worker still serves (see `crate::health`);
+    /// the heartbeat asks this before each beat. True before `run` serves.
+    /// Never blocks: it judges the ping the previous call sent.
+    fn healthy(&self) -> bool {
+        let Some(runtime) = lock(&self.runtime).clone() else {
+            return true;
+        };
+        let (queued, taken) = self.shared.queue.progress();
+        let (verdict, ping) =
+            self.shared
+                .health
+                .check(queued, taken, self.shared.stop.is_stopped());
+        runtime.spawn(async move { ping() });
+        match verdict {
+            Ok(()) => true,
+            Err(sickness) => {
+                tracing::error!("worker is not serving: {sickness}; skipping its heartbeat");
+                false
+            }
+        }
     }
 
     fn run(ruby: &Ruby, rb_self: Obj<Worker>) -> Result<(), Error> {
@@ -286,27 +326,29 @@ impl Worker {
     }
 }
 
-/// Serves until stopped, then drains: stop accepting, let in-flight requests
-/// finish (bounded by graceful_timeout), stop the app threads.
+/// Serves until stopped, then drains within one `graceful_timeout` counted
+/// from the stop: stop accepting, let in-flight requests finish, stop the app
+/// threads (killing those still busy at the deadline), shut the I/O runtime
+/// down. The shutdown hooks run after all of that, in `run`.
 fn serve(ruby: &Ruby, rb_self: Obj<Worker>, endpoints: Vec<Endpoint>) -> Result<(), Error> {
     let worker = &*rb_self;
     let shared = &worker.shared;
-    let mut server = Server::start(endpoints, shared.clone()).map_err(|e| to_ruby(ruby, e))?;
+    let mut server = Server::start(endpoints, Arc::clone(shared)).map_err(|e| to_ruby(ruby, e))?;
+    // No early return from here on: the runtime must be shut down below,
+    // without the GVL, whatever happens.
+    *lock(&worker.runtime) = Some(server.handle().clone());
     let context = Arc::new(AppContext {
-        shared: shared.clone(),
+        shared: Arc::clone(shared),
         runtime: server.handle().clone(),
         app: worker.app,
+        events: worker.stop_requests,
         env_flags: worker.settings.env_flags,
     });
+    let watchdog = start_dispatch_watchdog(shared);
     let threads = ruby.ary_new_capa(worker.settings.thread_count);
-    let mut result = spawn_app_threads(ruby, rb_self, &context, threads);
-
-    if result.is_ok() && !shared.stop.is_stopped() {
-        result = ruby
-            .get_inner(worker.stop_requests)
-            .funcall::<_, _, Value>("pop", ())
-            .map(|_| ());
-    }
+    let result = (0..worker.settings.thread_count)
+        .try_for_each(|index| spawn_app_thread(ruby, rb_self, &context, threads, index))
+        .and_then(|()| serve_until_stopped(ruby, rb_self, &context, threads));
     shared.stop.stop();
     close_adopted_listeners(worker);
     tracing::debug!("stopping: draining connections");
@@ -316,22 +358,51 @@ fn serve(ruby: &Ruby, rb_self: Obj<Worker>, endpoints: Vec<Endpoint>) -> Result<
         |_| cancel.notify_one(),
     );
     shared.queue.close();
+    if let Some(watchdog) = watchdog {
+        let _ = watchdog.join();
+    }
     tracing::debug!("stopping: joining app threads");
-    let joined = join_app_threads(threads, shared.options.graceful_timeout);
+    let deadline = shared.stop.deadline(shared.options.graceful_timeout);
+    let joined = join_app_threads(threads, deadline);
     // Jobs nobody will run: dropping their reply channels answers 503.
     drop(shared.queue.drain());
     tracing::debug!("stopping: shutting the runtime down");
-    let mut server = Some(server);
-    let stopped = wait_interruptibly(
-        |_| {
-            if let Some(server) = server.take() {
-                server.shutdown();
-            }
-            Some(())
-        },
-        |_| {},
-    );
+    *lock(&worker.runtime) = None;
+    let stopped = run_bounded_without_gvl(move || server.shutdown());
     result.and(drained).and(joined).and(stopped)
+}
+
+/// Starts the dispatcher's watchdog (see `crate::dispatch`) on a plain
+/// thread that never touches Ruby; it ends when the queue closes. Without
+/// it the worker still serves, waking a thread only when none runs.
+fn start_dispatch_watchdog(shared: &Arc<Shared>) -> Option<std::thread::JoinHandle<()>> {
+    let shared = Arc::clone(shared);
+    std::thread::Builder::new()
+        .name("hyperion-dispatch".into())
+        .spawn(move || shared.queue.watch())
+        .inspect_err(|e| tracing::error!("could not start the dispatch watchdog: {e}"))
+        .ok()
+}
+
+/// Waits in Ruby (so signal traps run) for a stop; replaces app threads that
+/// end in the meantime (they push their index on the event queue).
+fn serve_until_stopped(
+    ruby: &Ruby,
+    rb_self: Obj<Worker>,
+    context: &Arc<AppContext>,
+    threads: RArray,
+) -> Result<(), Error> {
+    let events = ruby.get_inner(rb_self.stop_requests);
+    while !rb_self.shared.stop.is_stopped() {
+        let event: Value = events.funcall("pop", ())?;
+        if let Some(index) = Integer::from_value(event) {
+            if rb_self.shared.stop.is_stopped() {
+                break;
+            }
+            spawn_app_thread(ruby, rb_self, context, threads, index.to_usize()?)?;
+        }
+    }
+    Ok(())
 }
 
 /// Builds one acceptor per listener (`None` for plain HTTP), or says in one
@@ -389,36 +460,56 @@ fn close_adopted_listeners(worker: &Worker) {
     }
 }
 
-fn spawn_app_threads(
+/// Starts app thread `index` (also to replace one that ended).
+fn spawn_app_thread(
     ruby: &Ruby,
     rb_self: Obj<Worker>,
     context: &Arc<AppContext>,
     threads: RArray,
+    index: usize,
 ) -> Result<(), Error> {
-    for index in 0..rb_self.settings.thread_count {
-        let context = context.clone();
-        let thread = ruby.thread_create_from_fn(move |ruby| app_thread::serve(ruby, &context));
-        // The thread references the Worker, which marks the app, so the app
-        // stays alive for as long as any app thread runs.
-        thread.ivar_set("__hyperion_worker", rb_self)?;
-        thread.funcall::<_, _, Value>("name=", (format!("hyperion-app-{index}"),))?;
-        threads.push(thread)?;
-    }
-    Ok(())
+    let context = context.clone();
+    let thread = ruby.thread_create_from_fn(move |ruby| app_thread::serve(ruby, &context, index));
+    // The thread references the Worker, which marks the app, so the app
+    // stays alive for as long as any app thread runs.
+    thread.ivar_set("__hyperion_worker", rb_self)?;
+    thread.funcall::<_, _, Value>("name=", (format!("hyperion-app-{index}"),))?;
+    threads.store(index as isize, thread)
 }
 
-/// Waits up to `timeout` for the app threads to finish their requests, then
-/// kills the stragglers.
-fn join_app_threads(threads: RArray, timeout: Duration) -> Result<(), Error> {
+/// How long killed app threads get to unwind before the shutdown hooks run.
+const KILL_GRACE: Duration = Duration::from_secs(2);
+
+/// Waits until `deadline` for the app threads to finish their requests, then
+/// kills the stragglers and waits (briefly) until they are really gone.
+fn join_app_threads(threads: RArray, deadline: Instant) -> Result<(), Error> {
+    let mut stragglers = Vec::new();
     for index in 0..threads.len() {
         let thread: Value = threads.entry(index as isize)?;
-        match thread.funcall::<_, _, Value>("join", (timeout.as_secs_f64(),)) {
-            Ok(joined) if joined.is_nil() => {
-                tracing::warn!("an app thread did not finish within graceful_timeout; killing it");
-                thread.funcall::<_, _, Value>("kill", ())?;
-            }
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        match thread.funcall::<_, _, Value>("join", (remaining.as_secs_f64(),)) {
+            Ok(joined) if joined.is_nil() => stragglers.push(thread),
             Ok(_) => {}
             Err(e) => log_exception("app thread ended with an exception", &e),
+        }
+    }
+    if stragglers.is_empty() {
+        return Ok(());
+    }
+    tracing::warn!(
+        threads = stragglers.len(),
+        "app threads still busy at the end of graceful_timeout; killing them"
+    );
+    for thread in &stragglers {
+        thread.funcall::<_, _, Value>("kill", ())?;
+    }
+    let deadline = Instant::now() + KILL_GRACE;
+    for thread in stragglers {
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        if let Ok(joined) = thread.funcall::<_, _, Value>("join", (remaining.as_secs_f64(),)) {
+            if joined.is_nil() {
+                tracing::warn!("a killed app thread did not end within {KILL_GRACE:?}");
+            }
         }
     }
     Ok(())
@@ -470,6 +561,19 @@ fn restore_traps(ruby: &Ruby, previous: RArray) {
     }
 }
 
+/// Keeps `values` in this frame's memory until this call, where Ruby's
+/// conservative stack scan finds them: the `RB_GC_GUARD` of C extensions.
+#[inline(never)]
+fn gc_guard(values: &[Value]) {
+    std::hint::black_box(values);
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn config_value(config: Value, name: &str) -> Result<Option<Value>, Error> {
     if !config.respond_to(name, false)? {
         return Ok(None);
@@ -502,5 +606,6 @@ pub(crate) fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {
     class.define_singleton_method("new", magnus::function!(Worker::new, -1))?;
     class.define_method("run", magnus::method!(Worker::run, 0))?;
     class.define_method("stop", magnus::method!(Worker::stop, -1))?;
+    class.define_method("healthy?", magnus::method!(Worker::healthy, 0))?;
     Ok(())
 }
