@@ -3,20 +3,22 @@
 //! checked as response headers are (a String value with "\n" becomes several
 //! fields; CR, NUL or a bad name raises ArgumentError). Once the final
 //! response is on its way, or the client is gone, calls do nothing. It holds
-//! only Rust data: the tokio side is reached through `interim::EarlyHints`.
+//! only Rust data: the tokio side is reached through `interim::EarlyHints`,
+//! kept in a `ForkSafe` like every Rust value a Ruby object owns.
 
 use magnus::prelude::*;
 use magnus::{method, Error, RModule, Ruby, Value};
 
 use super::response::header_fields;
+use crate::fork_safe::ForkSafe;
 use crate::interim;
 
 #[magnus::wrap(class = "Hyperion::EarlyHints", free_immediately, size)]
-pub(crate) struct EarlyHints(interim::EarlyHints);
+pub(crate) struct EarlyHints(ForkSafe<interim::EarlyHints>);
 
 impl EarlyHints {
     pub(crate) fn new(hints: interim::EarlyHints) -> Self {
-        Self(hints)
+        Self(ForkSafe::new(hints))
     }
 
     fn call(ruby: &Ruby, rb_self: &Self, headers: Value) -> Result<(), Error> {
