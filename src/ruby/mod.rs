@@ -6,6 +6,7 @@ mod errors;
 mod keys;
 mod nogvl;
 mod options;
+mod pinned;
 mod response;
 mod stream_input;
 mod worker;
@@ -17,5 +18,6 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     keys::check_constants(ruby)?;
     let module = ruby.define_module("Hyperion")?;
     stream_input::init(ruby, module)?;
+    pinned::init(ruby, module)?;
     worker::init(ruby, module)
 }
