@@ -361,7 +361,7 @@ pub async fn serve<S, C>(
         if let SessionEnd::Closed = end {
             return;
         }
-        let Some((socket, unparsed)) = (*session).into_io() else {
+        let Some((socket, unparsed)) = unbox_into_io(session) else {
             return;
         };
         if let SessionEnd::HeadTimedOut = end {
@@ -381,6 +381,9 @@ pub async fn serve<S, C>(
             joined.extend_from_slice(&io.prefix);
             io.prefix = joined.freeze();
         }
+        // Even when empty, `unparsed` owns hyper's whole read buffer: free it
+        // before parking rather than at the end of this iteration.
+        drop(unparsed);
         if io.prefix.is_empty() {
             // Parked: no hyper state, just the socket, until the client speaks.
             match wait_parked(&mut io, &activity, &timeouts, stop).await {
@@ -408,6 +411,15 @@ where
     if let Ok(Err(e)) = answered {
         tracing::debug!(error = %e, "could not send 408");
     }
+}
+
+/// Takes the socket back from a boxed session and frees the box at once (a
+/// box moved out of keeps its allocation until its variable goes out of
+/// scope, which in `serve` would be after the park). Taking the box by value
+/// is the point, hence the allow.
+#[allow(clippy::boxed_local)]
+fn unbox_into_io<S, C: Session<S>>(session: Box<C>) -> Option<(WatchedIo<S>, Bytes)> {
+    (*session).into_io()
 }
 
 /// Waits on a parked socket for the next request's first bytes; `None` when
@@ -652,6 +664,41 @@ mod tests {
         }
     }
 
+    /// Stands in for hyper: idle at once; hands back, with the socket, a
+    /// read buffer that reports when it is freed.
+    struct IdleSession {
+        io: WatchedIo<tokio::io::DuplexStream>,
+        read_buffer: Bytes,
+    }
+
+    struct TrackedBuffer(Arc<std::sync::atomic::AtomicBool>);
+
+    impl AsRef<[u8]> for TrackedBuffer {
+        fn as_ref(&self) -> &[u8] {
+            &[]
+        }
+    }
+
+    impl Drop for TrackedBuffer {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+
+    impl std::future::Future for IdleSession {
+        type Output = hyper::Result<()>;
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+            Poll::Pending
+        }
+    }
+
+    impl Session<tokio::io::DuplexStream> for IdleSession {
+        fn graceful_shutdown(&mut self) {}
+        fn into_io(self) -> Option<(WatchedIo<tokio::io::DuplexStream>, Bytes)> {
+            Some((self.io, self.read_buffer))
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_stalled_head_gets_408_through_the_stream_within_max_request_read() {
         let (mut client, server) = tokio::io::duplex(4096);
@@ -683,6 +730,36 @@ mod tests {
             "408 after {elapsed:?}: the head's 2 s, from its first byte at 1 s"
         );
         serving.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_connection_keeps_no_buffer_of_its_session() {
+        let (client, socket) = tokio::io::duplex(64);
+        let activity = Activity::new();
+        activity.request_started();
+        activity.response_finished();
+        let freed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let start = |io| IdleSession {
+            io,
+            // hyper hands back its whole read buffer, empty or not.
+            read_buffer: Bytes::from_owner(TrackedBuffer(freed.clone())),
+        };
+        let stop = crate::stop::StopSignal::default();
+        let io = WatchedIo::new(socket, activity.clone());
+        let serving = serve(io, start, activity, TIMEOUTS, &stop);
+        tokio::pin!(serving);
+        tokio::select! {
+            _ = &mut serving => panic!("the connection ended instead of parking"),
+            _ = tokio::time::sleep(PARK_AFTER * 5) => {}
+        }
+        assert!(
+            freed.load(Ordering::Acquire),
+            "a parked connection still holds its session's read buffer"
+        );
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(1), serving)
+            .await
+            .expect("a parked connection ends when its client leaves");
     }
 
     #[tokio::test]
