@@ -240,12 +240,18 @@ impl<S: tokio::io::AsyncRead + Unpin> Read for WatchedIo<S> {
         cx: &mut Context<'_>,
         mut buf: ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
+        let from_prefix = !self.prefix.is_empty();
+        if from_prefix {
             let n = self.prefix.len().min(buf.remaining());
             let chunk = self.prefix.split_to(n);
             buf.put_slice(&chunk);
             self.activity.on_read();
-            return Poll::Ready(Ok(()));
+            if !self.prefix.is_empty() || buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            // Read on into the same buffer: the prefix is often a head's
+            // first bytes (the h2c sniff's), and handed out alone it makes
+            // hyper parse twice and double its read buffer for the rest.
         }
         // SAFETY: the cursor's unfilled part is handed to tokio's ReadBuf,
         // which only writes initialised bytes into it; we then advance the
@@ -254,6 +260,9 @@ impl<S: tokio::io::AsyncRead + Unpin> Read for WatchedIo<S> {
             let mut read_buf = tokio::io::ReadBuf::uninit(buf.as_mut());
             match tokio::io::AsyncRead::poll_read(Pin::new(&mut self.inner), cx, &mut read_buf) {
                 Poll::Ready(Ok(())) => read_buf.filled().len(),
+                // The prefix is this read's result; a failed socket fails
+                // the next read too (with the error, or as EOF).
+                _ if from_prefix => 0,
                 other => return other,
             }
         };
@@ -662,6 +671,31 @@ mod tests {
         fn into_io(mut self) -> Option<(WatchedIo<S>, Bytes)> {
             Some((self.0.take()?, Bytes::new()))
         }
+    }
+
+    /// One `Read::poll_read` on `io` into an 8 KiB buffer, as hyper makes it.
+    async fn read_once<S: tokio::io::AsyncRead + Unpin>(io: &mut WatchedIo<S>) -> Vec<u8> {
+        let mut raw = [0u8; 8192];
+        let mut buf = hyper::rt::ReadBuf::new(&mut raw);
+        std::future::poll_fn(|cx| Read::poll_read(Pin::new(&mut *io), cx, buf.unfilled()))
+            .await
+            .unwrap();
+        buf.filled().to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_prefix_comes_with_the_bytes_behind_it_in_one_read() {
+        let (mut client, socket) = tokio::io::duplex(64);
+        let mut io = WatchedIo::with_prefix(socket, Activity::new(), Bytes::from_static(b"GE"));
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"T / HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        assert_eq!(read_once(&mut io).await, b"GET / HTTP/1.1\r\n");
+
+        // With nothing behind it, the prefix alone is the read.
+        let (_client, socket) = tokio::io::duplex(64);
+        let mut io = WatchedIo::with_prefix(socket, Activity::new(), Bytes::from_static(b"GE"));
+        assert_eq!(read_once(&mut io).await, b"GE");
     }
 
     /// Stands in for hyper: idle at once; hands back, with the socket, a
