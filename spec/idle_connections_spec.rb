@@ -9,7 +9,7 @@ require "spec_helper"
 # connection to 17-18 KiB (each plaintext task as large as a TLS one, and a
 # parked connection still holding hyper's read buffer; bench/RESULTS.md).
 RSpec.describe "Idle keep-alive connections" do
-  # Measured 2.5-2.9 KiB per connection (also with the cores oversubscribed);
+  # Measured 2.2-3.1 KiB per connection (also with the cores oversubscribed);
   # 7 KiB before the regression, 17.4 KiB with it.
   def max_rss_kib_per_connection = 6
 
