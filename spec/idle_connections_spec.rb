@@ -10,7 +10,7 @@ require "spec_helper"
 # parked connection still holding hyper's read buffer; bench/RESULTS.md).
 RSpec.describe "Idle keep-alive connections" do
   # Measured 2.2-3.1 KiB per connection (also with the cores oversubscribed);
-  # 7 KiB before the regression, 17.4 KiB with it.
+  # 7 KiB before the regression, 17.4-23.6 KiB with it.
   def max_rss_kib_per_connection = 6
 
   def hello_request = "GET / HTTP/1.1\r\nHost: x\r\n\r\n"
