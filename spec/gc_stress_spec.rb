@@ -15,6 +15,7 @@ RSpec.describe "serving under GC.stress", :gc_stress, timeout: 300 do
       when "/env" then TestApps.env_dump.call(env)
       when "/stream" then [200, {}, Enumerator.new { |y| %w[s t r e a m].each { |c| compact_here; y << c } }]
       when "/raise" then raise "under stress"
+      when "/big" then [200, {}, [("b" * 1023 + "\n") * 64, "tail"]]
       else
         headers = Object.new
         headers.define_singleton_method(:each) { |&b| spec.compact_here; b.call("x-each", "v") }
@@ -31,6 +32,8 @@ RSpec.describe "serving under GC.stress", :gc_stress, timeout: 300 do
                                             "SERVER_NAME" => "h", "SERVER_PORT" => "1")
         stream = parse_responses(raw_exchange(port, "GET /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
         expect(stream.first.values_at(0, 2)).to eq([200, "stream"])
+        big = parse_responses(raw_exchange(port, "GET /big HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
+        expect(big.first.values_at(0, 2)).to eq([200, ("b" * 1023 + "\n") * 64 + "tail"])
         failed = parse_responses(raw_exchange(port, "GET /raise HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"))
         expect(failed.first.first).to eq(500)
         echoed = parse_responses(raw_exchange(port, "POST /e HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n" \

@@ -71,6 +71,35 @@ RSpec.describe "Rack responses on the wire" do
     expect(counter).to eq(%i[closed closed])
   end
 
+  # Large chunks go to the socket without a copy (src/ruby/pinned.rs): what
+  # the app does to its Strings afterwards must not change the bytes sent.
+  it "sends large String chunks intact even when the app changes the Strings after handing them over" do
+    big = ("a" * 1023 + "\n") * 256 # 256 KiB, over the no-copy threshold
+    app = lambda do |_env|
+      mine = big.dup
+      body = Object.new
+      body.define_singleton_method(:each) do |&block|
+        block.call(mine)
+        mine.replace("z" * mine.bytesize) # in place, after yielding
+        block.call(mine)
+        mine.clear
+      end
+      [200, { "content-length" => (big.bytesize * 2).to_s }, body]
+    end
+    with_worker(app) do |port|
+      socket = TCPSocket.new("127.0.0.1", port)
+      socket.write("GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+      sleep 0.5 # a slow reader: the bytes wait in the server while the app mutates
+      GC.start
+      status, _headers, body = parse_responses(read_all(socket, 20)).first
+      expect(status).to eq(200)
+      expect(body.bytesize).to eq(big.bytesize * 2)
+      expect(body).to eq(big + "z" * big.bytesize)
+    ensure
+      socket&.close
+    end
+  end
+
   it "sends 205 Reset Content with no content, whatever length the app declared" do
     counter = []
     app = lambda do |env|

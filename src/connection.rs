@@ -240,12 +240,18 @@ impl<S: tokio::io::AsyncRead + Unpin> Read for WatchedIo<S> {
         cx: &mut Context<'_>,
         mut buf: ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        if !self.prefix.is_empty() {
+        let from_prefix = !self.prefix.is_empty();
+        if from_prefix {
             let n = self.prefix.len().min(buf.remaining());
             let chunk = self.prefix.split_to(n);
             buf.put_slice(&chunk);
             self.activity.on_read();
-            return Poll::Ready(Ok(()));
+            if !self.prefix.is_empty() || buf.remaining() == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            // Read on into the same buffer: the prefix is often a head's
+            // first bytes (the h2c sniff's), and handed out alone it makes
+            // hyper parse twice and double its read buffer for the rest.
         }
         // SAFETY: the cursor's unfilled part is handed to tokio's ReadBuf,
         // which only writes initialised bytes into it; we then advance the
@@ -254,6 +260,9 @@ impl<S: tokio::io::AsyncRead + Unpin> Read for WatchedIo<S> {
             let mut read_buf = tokio::io::ReadBuf::uninit(buf.as_mut());
             match tokio::io::AsyncRead::poll_read(Pin::new(&mut self.inner), cx, &mut read_buf) {
                 Poll::Ready(Ok(())) => read_buf.filled().len(),
+                // The prefix is this read's result; a failed socket fails
+                // the next read too (with the error, or as EOF).
+                _ if from_prefix => 0,
                 other => return other,
             }
         };
@@ -365,7 +374,7 @@ pub async fn serve<S, C>(
         if let SessionEnd::Closed = end {
             return;
         }
-        let Some((socket, unparsed)) = (*session).into_io() else {
+        let Some((socket, unparsed)) = unbox_into_io(session) else {
             return;
         };
         if let SessionEnd::HeadTimedOut = end {
@@ -385,6 +394,9 @@ pub async fn serve<S, C>(
             joined.extend_from_slice(&io.prefix);
             io.prefix = joined.freeze();
         }
+        // Even when empty, `unparsed` owns hyper's whole read buffer: free it
+        // before parking rather than at the end of this iteration.
+        drop(unparsed);
         if io.prefix.is_empty() {
             // Parked: no hyper state, just the socket, until the client speaks.
             match wait_parked(&mut io, &activity, &timeouts, stop).await {
@@ -412,6 +424,15 @@ where
     if let Ok(Err(e)) = answered {
         tracing::debug!(error = %e, "could not send 408");
     }
+}
+
+/// Takes the socket back from a boxed session and frees the box at once (a
+/// box moved out of keeps its allocation until its variable goes out of
+/// scope, which in `serve` would be after the park). Taking the box by value
+/// is the point, hence the allow.
+#[allow(clippy::boxed_local)]
+fn unbox_into_io<S, C: Session<S>>(session: Box<C>) -> Option<(WatchedIo<S>, Bytes)> {
+    (*session).into_io()
 }
 
 /// Waits on a parked socket for the next request's first bytes; `None` when
@@ -656,6 +677,66 @@ mod tests {
         }
     }
 
+    /// One `Read::poll_read` on `io` into an 8 KiB buffer, as hyper makes it.
+    async fn read_once<S: tokio::io::AsyncRead + Unpin>(io: &mut WatchedIo<S>) -> Vec<u8> {
+        let mut raw = [0u8; 8192];
+        let mut buf = hyper::rt::ReadBuf::new(&mut raw);
+        std::future::poll_fn(|cx| Read::poll_read(Pin::new(&mut *io), cx, buf.unfilled()))
+            .await
+            .unwrap();
+        buf.filled().to_vec()
+    }
+
+    #[tokio::test]
+    async fn a_prefix_comes_with_the_bytes_behind_it_in_one_read() {
+        let (mut client, socket) = tokio::io::duplex(64);
+        let mut io = WatchedIo::with_prefix(socket, Activity::new(), Bytes::from_static(b"GE"));
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"T / HTTP/1.1\r\n")
+            .await
+            .unwrap();
+        assert_eq!(read_once(&mut io).await, b"GET / HTTP/1.1\r\n");
+
+        // With nothing behind it, the prefix alone is the read.
+        let (_client, socket) = tokio::io::duplex(64);
+        let mut io = WatchedIo::with_prefix(socket, Activity::new(), Bytes::from_static(b"GE"));
+        assert_eq!(read_once(&mut io).await, b"GE");
+    }
+
+    /// Stands in for hyper: idle at once; hands back, with the socket, a
+    /// read buffer that reports when it is freed.
+    struct IdleSession {
+        io: WatchedIo<tokio::io::DuplexStream>,
+        read_buffer: Bytes,
+    }
+
+    struct TrackedBuffer(Arc<std::sync::atomic::AtomicBool>);
+
+    impl AsRef<[u8]> for TrackedBuffer {
+        fn as_ref(&self) -> &[u8] {
+            &[]
+        }
+    }
+
+    impl Drop for TrackedBuffer {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+
+    impl std::future::Future for IdleSession {
+        type Output = SessionResult;
+        fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+            Poll::Pending
+        }
+    }
+
+    impl Session<tokio::io::DuplexStream> for IdleSession {
+        fn graceful_shutdown(&mut self) {}
+        fn into_io(self) -> Option<(WatchedIo<tokio::io::DuplexStream>, Bytes)> {
+            Some((self.io, self.read_buffer))
+        }
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_stalled_head_gets_408_through_the_stream_within_max_request_read() {
         let (mut client, server) = tokio::io::duplex(4096);
@@ -687,6 +768,36 @@ mod tests {
             "408 after {elapsed:?}: the head's 2 s, from its first byte at 1 s"
         );
         serving.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_connection_keeps_no_buffer_of_its_session() {
+        let (client, socket) = tokio::io::duplex(64);
+        let activity = Activity::new();
+        activity.request_started();
+        activity.response_finished();
+        let freed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let start = |io| IdleSession {
+            io,
+            // hyper hands back its whole read buffer, empty or not.
+            read_buffer: Bytes::from_owner(TrackedBuffer(freed.clone())),
+        };
+        let stop = crate::stop::StopSignal::default();
+        let io = WatchedIo::new(socket, activity.clone());
+        let serving = serve(io, start, activity, TIMEOUTS, &stop);
+        tokio::pin!(serving);
+        tokio::select! {
+            _ = &mut serving => panic!("the connection ended instead of parking"),
+            _ = tokio::time::sleep(PARK_AFTER * 5) => {}
+        }
+        assert!(
+            freed.load(Ordering::Acquire),
+            "a parked connection still holds its session's read buffer"
+        );
+        drop(client);
+        tokio::time::timeout(Duration::from_secs(1), serving)
+            .await
+            .expect("a parked connection ends when its client leaves");
     }
 
     #[tokio::test]

@@ -1,7 +1,6 @@
-//! Responses from the app as hyper sees them. The body is either known up
-//! front (Content-Length) or streamed through a bounded channel from the Ruby
-//! thread that iterates it (chunked), which is where Rack 3 streaming bodies,
-//! hijack and sendfile plug in later.
+//! Responses from the app as hyper sees them. The body is known up front
+//! (Content-Length), streamed through a bounded channel from the Ruby thread
+//! that iterates it (chunked), or a file the I/O side reads itself.
 
 use std::collections::VecDeque;
 use std::fmt;
@@ -16,6 +15,8 @@ use http::{HeaderMap, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use tokio::runtime::Handle;
 use tokio::sync::{mpsc, Notify};
+
+use crate::file_body::FileBody;
 
 /// Chunks buffered between a streaming Ruby body and the socket.
 pub const STREAM_CAPACITY: usize = 16;
@@ -62,6 +63,8 @@ pub enum ResponseBody {
         /// Set by the sender before it finishes (`BodySender::finish`).
         trailers: Arc<std::sync::Mutex<Option<HeaderMap>>>,
     },
+    /// A file the app named with `to_path`, read by the I/O side.
+    File(FileBody),
 }
 
 impl fmt::Debug for ResponseBody {
@@ -70,6 +73,7 @@ impl fmt::Debug for ResponseBody {
             ResponseBody::Empty => f.write_str("Empty"),
             ResponseBody::Chunks { remaining, .. } => write!(f, "Chunks({remaining} bytes)"),
             ResponseBody::Stream { .. } => f.write_str("Stream"),
+            ResponseBody::File(file) => write!(f, "File({} bytes)", file.remaining()),
         }
     }
 }
@@ -150,6 +154,14 @@ impl Body for ResponseBody {
                 }
                 Poll::Pending => Poll::Pending,
             },
+            ResponseBody::File(file) => Poll::Ready(match file.next_chunk() {
+                Ok(Some(chunk)) => Some(Ok(Frame::data(chunk))),
+                Ok(None) => None,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading a to_path body failed; connection aborted");
+                    Some(Err(StreamAborted))
+                }
+            }),
         }
     }
 
@@ -160,6 +172,7 @@ impl Body for ResponseBody {
                 chunks, trailers, ..
             } => chunks.is_empty() && trailers.is_none(),
             ResponseBody::Stream { .. } => false,
+            ResponseBody::File(file) => file.remaining() == 0,
         }
     }
 
@@ -168,6 +181,7 @@ impl Body for ResponseBody {
             ResponseBody::Empty => SizeHint::with_exact(0),
             ResponseBody::Chunks { remaining, .. } => SizeHint::with_exact(*remaining),
             ResponseBody::Stream { .. } => SizeHint::default(),
+            ResponseBody::File(file) => SizeHint::with_exact(file.remaining()),
         }
     }
 }

@@ -7,6 +7,7 @@ mod errors;
 mod keys;
 mod nogvl;
 mod options;
+mod pinned;
 mod response;
 mod stream_input;
 mod worker;
@@ -19,5 +20,6 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     let module = ruby.define_module("Hyperion")?;
     stream_input::init(ruby, module)?;
     early_hints::init(ruby, module)?;
+    pinned::init(ruby, module)?;
     worker::init(ruby, module)
 }

@@ -7,6 +7,7 @@
 //! a body's `each`/`to_ary`/`close` or a headers `each`) is never swallowed:
 //! the body is closed, then the exit is returned so it ends the thread.
 
+use std::os::unix::ffi::OsStrExt;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -20,6 +21,7 @@ use tokio::sync::{oneshot, Notify};
 
 use super::errors::{class_of, is_non_local_exit, log_exception, CLIENT_DISCONNECTED};
 use super::nogvl::wait_interruptibly;
+use crate::file_body::FileBody;
 use crate::fork_safe::ForkSafe;
 use crate::response::{AppResponse, BodySender, ResponseBody, SendError};
 
@@ -287,8 +289,7 @@ fn chunk_bytes(chunk: Value) -> Result<Bytes, Invalid> {
             class_of(chunk)
         ))
     })?;
-    // SAFETY: copied out before any Ruby code runs.
-    Ok(Bytes::copy_from_slice(unsafe { text.as_slice() }))
+    super::pinned::body_chunk(text).map_err(|e| Invalid(format!("body chunk: {e}")))
 }
 
 /// The trailing header fields of a body that has `trailers` (Rack 3), as
@@ -312,6 +313,45 @@ fn is_bodiless(status: StatusCode) -> bool {
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::RESET_CONTENT
         || status == StatusCode::NOT_MODIFIED
+}
+
+/// The file of a body that answers `to_path` (Rack::Files, `send_file`),
+/// for the I/O side to read. `None` (iterate `each` instead) for a 206, or
+/// when the file cannot be opened or its size differs from the
+/// Content-Length the app declared: the app framed the body otherwise, and
+/// it is sent as framed, never the whole file.
+fn file_body(
+    body: Value,
+    status: StatusCode,
+    headers: &HeaderMap,
+) -> Result<Option<FileBody>, Failure> {
+    if status == StatusCode::PARTIAL_CONTENT || !body.respond_to("to_path", false).unwrap_or(false)
+    {
+        return Ok(None);
+    }
+    let path: Value = body
+        .funcall("to_path", ())
+        .map_err(|e| failure("body#to_path", e))?;
+    let Some(path) = RString::from_value(path) else {
+        return Ok(None);
+    };
+    // SAFETY: copied out before any Ruby code runs.
+    let path = std::ffi::OsStr::from_bytes(unsafe { path.as_slice() }).to_owned();
+    let file = match FileBody::open(std::path::Path::new(&path)) {
+        Ok(file) => file,
+        Err(e) => {
+            tracing::debug!(error = %e, "to_path body not opened; iterating it instead");
+            return Ok(None);
+        }
+    };
+    let declared = headers
+        .get(CONTENT_LENGTH)
+        .map(|v| v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()));
+    match declared {
+        Some(Some(length)) if length == file.remaining() => Ok(Some(file)),
+        None => Ok(Some(file)),
+        _ => Ok(None),
+    }
 }
 
 /// The body as an Array, when it is one or has `to_ary`.
@@ -364,6 +404,11 @@ fn send_body(
             headers.insert(CONTENT_LENGTH, HeaderValue::from(length));
         }
         return respond(ResponseBody::Empty, headers, reply.sender);
+    }
+    match file_body(body, status, &headers) {
+        Ok(Some(file)) => return respond(ResponseBody::File(file), headers, reply.sender),
+        Ok(None) => {}
+        Err(failed) => return answer_failure(reply.sender, failed),
     }
     let array = match body_array(body) {
         Ok(array) => array,
