@@ -141,7 +141,8 @@ module Hyperion
     # only validates; nothing binds or runs.
     def check_worker_settings(config)
       Worker.new(host: "127.0.0.1", port: 0, app: ->(_env) {}, read_timeout: config.read_timeout,
-                 thread_count: config.threads, config: config, h2_settings: config.h2, **config.limits)
+                 thread_count: config.threads, config: config, h2_settings: config.h2,
+                 early_hints: config.early_hints, **config.limits)
     rescue ArgumentError, TypeError => e
       raise ConfigError, flag_message(e)
     end
