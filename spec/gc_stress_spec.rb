@@ -59,6 +59,20 @@ RSpec.describe "serving under GC.stress", :gc_stress, timeout: 300 do
     end
   end
 
+  it "sends 103 Early Hints from a Hash of multi-line values, over HTTP/1.1 and h2c" do
+    app = lambda do |env|
+      env["rack.early_hints"].call({ "link" => "</a.css>; rel=preload\n</b.js>; rel=preload" })
+      [200, {}, ["hinted"]]
+    end
+    with_worker(app, early_hints: true) do |port|
+      %w[--http1.1 --http2-prior-knowledge].each do |version|
+        out = gc_stress { Open3.capture2e("curl", "-sv", version, "http://127.0.0.1:#{port}/").first }
+        expect(out.lines.grep(/\A< (HTTP\S* 103|link)/).size).to eq(3), out
+        expect(out).to end_with("hinted")
+      end
+    end
+  end
+
   it "keeps the app and hooks alive while the worker runs" do
     calls = []
     config = Hyperion::Config.new

@@ -2,9 +2,12 @@
 
 require "spec_helper"
 
-# HTTP/2 through hyper's h2: ALPN on TLS listeners, prior knowledge (h2c) on
-# plain ones. Clients are curl, nghttp and h2load from nghttp2-client.
+# HTTP/2 (the h2 crate, driven by src/http2/): ALPN on TLS listeners, prior
+# knowledge (h2c) on plain ones. Clients are curl, nghttp and h2load from
+# nghttp2-client, and python h2 for raw frames (spec/support/h2_probe.py).
 RSpec.describe "HTTP/2" do
+  include H2Probe
+
   let(:pki) { TestPKI.new }
   let(:app) do
     lambda do |env|
@@ -80,16 +83,45 @@ RSpec.describe "HTTP/2" do
     end
   end
 
-  it "sends no body for HEAD and 204 over HTTP/2" do
-    app = ->(env) { [env["PATH_INFO"] == "/204" ? 204 : 200, { "content-type" => "text/plain" }, ["body text"]] }
-    with_worker(app) do |port|
+  it "sends no body for HEAD, 204 and 304 over HTTP/2" do
+    app = ->(env) { [env["PATH_INFO"][1..].to_i.nonzero? || 200, { "content-type" => "text/plain" }, ["body text"]] }
+    with_worker(app, max_uri_bytes: 100) do |port|
       head = run_client("curl", "-s", "-I", "--http2-prior-knowledge", "http://127.0.0.1:#{port}/")
       expect(head).to start_with("HTTP/2 200")
       expect(head).to include("content-length: 9")
       expect(head).not_to include("body text")
-      out = run_client("nghttp", "-v", "http://127.0.0.1:#{port}/204")
-      expect(out).to include(":status: 204")
+      %w[204 304].each do |status|
+        out = run_client("nghttp", "-v", "http://127.0.0.1:#{port}/#{status}")
+        expect(out).to include(":status: #{status}")
+        expect(out).not_to include("recv DATA frame")
+      end
+      # A refusal the server writes itself has a body; HEAD still gets none.
+      out = run_client("nghttp", "-v", "-H", ":method: HEAD", "http://127.0.0.1:#{port}/#{'x' * 200}")
+      expect(out).to include(":status: 414")
       expect(out).not_to include("recv DATA frame")
+    end
+  end
+
+  it "sends date and, for a body of known length, content-length" do
+    with_worker(app) do |port|
+      out = run_client("nghttp", "-v", "http://127.0.0.1:#{port}/")
+      expect(out).to match(/recv \(stream_id=13\) date: \w{3}, \d\d \w{3} \d{4} \d\d:\d\d:\d\d GMT/)
+      expect(out).to include("recv (stream_id=13) content-length: #{"HTTP/2 127.0.0.1:#{port} http false".bytesize}")
+    end
+  end
+
+  it "keeps h2's rapid-reset protection: a burst of opened-and-reset streams gets GOAWAY ENHANCE_YOUR_CALM" do
+    with_worker(app) do |port|
+      expect(h2_probe(:reset_flood, port, 500)["goaway"]).to eq(11)
+      expect(run_client("curl", "-s", "--http2-prior-knowledge", "http://127.0.0.1:#{port}/")).to start_with("HTTP/2")
+    end
+  end
+
+  it "closes a connection after idle_timeout once the client cancelled the only request in flight" do
+    with_worker(app, idle_timeout: 1) do |port|
+      seen = h2_probe(:reset_then_idle, port, "/slow", 15)
+      expect(seen["closed"]).to be(true), seen.inspect
+      expect(seen["closed_after"]).to be < 10
     end
   end
 
@@ -172,6 +204,71 @@ RSpec.describe "HTTP/2" do
         out, = Open3.capture2("curl", "-s", "--http2-prior-knowledge", "-H", "content-type: application/grpc",
                               "-T", "-", "-w", " %{http_code}", "http://127.0.0.1:#{port}/", stdin_data: "x" * 500)
         expect(out).to eq("request body larger than max_body_bytes 413")
+      end
+    end
+  end
+
+  describe "streams stalled on flow control (write_timeout)" do
+    it "resets a stream that gets no window, GOAWAYs a connection that makes no progress, serves everyone else" do
+      with_worker(app, write_timeout: 1, thread_count: 4) do |port|
+        stalling = Thread.new { h2_probe(:stall, port, 50, 30) }
+        # Others are served while the stalls last.
+        expect(run_client("curl", "-s", "--http2-prior-knowledge", "http://127.0.0.1:#{port}/"))
+          .to eq("HTTP/2 127.0.0.1:#{port} http false")
+        seen = stalling.value
+        expect(seen["responses"]).to eq(50), seen.inspect # every head went out; only DATA waited
+        expect(seen["resets"]).to eq({ "8" => 50 }), seen.inspect # RST_STREAM CANCEL each
+        expect(seen["seconds"]).to be < 20
+        expect(seen["goaway"]).to eq(0), seen.inspect
+        expect(seen["closed_after"]).to be_a(Float), seen.inspect
+        out = run_client("h2load", "-n", "200", "-c", "2", "-m", "10", "http://127.0.0.1:#{port}/")
+        expect(out).to match(/200 succeeded, 0 failed, 0 errored/)
+      end
+    end
+
+    it "closes a stuck connection whose client does not answer the GOAWAY's PING" do
+      with_worker(app, write_timeout: 1) do |port|
+        seen = h2_probe(:stall_mute, port, 10, 30)
+        expect(seen["resets"]).to eq({ "8" => 10 }), seen.inspect
+        expect(seen["goaways"]).to eq([0, 0]), seen.inspect # the graceful one, then the closing one
+        expect(seen["closed_after"]).to be_a(Float), seen.inspect
+      end
+    end
+
+    it "never cuts a response whose body waits on the app" do
+      slow = lambda do |_env|
+        body = Enumerator.new do |out|
+          out << "first;"
+          sleep 2.5
+          out << "second"
+        end
+        [200, { "content-type" => "text/plain" }, body]
+      end
+      with_worker(slow, write_timeout: 1) do |port|
+        expect(run_client("curl", "-s", "--http2-prior-knowledge", "http://127.0.0.1:#{port}/")).to eq("first;second")
+      end
+    end
+  end
+
+  describe "control-frame budget" do
+    it "answers a PING flood and a SETTINGS flood with GOAWAY ENHANCE_YOUR_CALM and closes" do
+      with_worker(app) do |port|
+        %i[ping_flood settings_flood].each do |flood|
+          seen = h2_probe(flood, port, 20)
+          expect(seen["goaway"]).to eq(11), "#{flood}: #{seen.inspect}"
+          expect(seen["closed"]).to be(true), "#{flood}: #{seen.inspect}"
+          expect(seen["ping_acks"] + seen["settings_acks"]).to be < 5_000, "#{flood}: #{seen.inspect}"
+        end
+        expect(run_client("curl", "-s", "--http2-prior-knowledge", "http://127.0.0.1:#{port}/"))
+          .to eq("HTTP/2 127.0.0.1:#{port} http false")
+      end
+    end
+
+    it "leaves a client that sends a few PINGs and SETTINGS alone" do
+      with_worker(app) do |port|
+        seen = h2_probe(:polite, port)
+        expect(seen).to include("status" => "200", "goaway" => nil, "closed" => false, "ping_acks" => 5)
+        expect(seen["settings_acks"]).to eq(4) # the three sent, and the one of the preface
       end
     end
   end

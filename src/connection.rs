@@ -325,9 +325,13 @@ pub unsafe fn write_request_timeout(fd: RawFd) {
     let _ = nix::unistd::write(socket, REQUEST_TIMEOUT);
 }
 
-/// One hyper connection over a `WatchedIo`, as `serve` drives it.
-pub trait Session<S>: std::future::Future<Output = hyper::Result<()>> + Unpin {
-    /// Stop after the in-flight request (hyper's graceful shutdown).
+/// How a session ended: `Err` carries the protocol or I/O error, for the log.
+pub type SessionResult = Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// One HTTP connection over a `WatchedIo` (hyper's HTTP/1.1, or the h2
+/// driver in `http2`), as `serve` drives it.
+pub trait Session<S>: std::future::Future<Output = SessionResult> + Unpin {
+    /// Stop after the in-flight request (HTTP/1.1) or streams (HTTP/2: GOAWAY).
     fn graceful_shutdown(&mut self);
     /// Takes the socket back from an idle session, with any bytes hyper had
     /// read but not parsed. Only called when `multiplexed` is false.
@@ -650,8 +654,8 @@ mod tests {
     struct StalledHead<S>(Option<WatchedIo<S>>);
 
     impl<S: tokio::io::AsyncRead + Unpin> std::future::Future for StalledHead<S> {
-        type Output = hyper::Result<()>;
-        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
+        type Output = SessionResult;
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SessionResult> {
             let Some(io) = self.0.as_mut() else {
                 return Poll::Pending;
             };
@@ -720,7 +724,7 @@ mod tests {
     }
 
     impl std::future::Future for IdleSession {
-        type Output = hyper::Result<()>;
+        type Output = SessionResult;
         fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
             Poll::Pending
         }

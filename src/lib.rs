@@ -12,6 +12,8 @@ pub mod fork_safe;
 pub mod h2_settings;
 pub mod health;
 pub mod host;
+pub mod http2;
+pub mod interim;
 pub mod limits;
 pub mod listener;
 pub mod logging;

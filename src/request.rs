@@ -5,6 +5,7 @@ use std::sync::Arc;
 use tokio::sync::oneshot;
 
 use crate::body::RequestBody;
+use crate::interim::EarlyHints;
 use crate::response::AppResponse;
 
 /// Facts about the listener a request arrived on, shared by all requests.
@@ -37,6 +38,8 @@ pub struct RequestData {
     /// PEM of the client's verified TLS certificate, when it sent one.
     pub client_cert: Option<Arc<str>>,
     pub server: Arc<ServerInfo>,
+    /// `rack.early_hints`, when enabled (inert for an HTTP/1.0 client).
+    pub early_hints: Option<EarlyHints>,
 }
 
 impl RequestData {

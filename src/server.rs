@@ -30,13 +30,16 @@ use crate::dispatch::{Dispatcher, Policy, PushError};
 use crate::error::Error;
 use crate::h2_settings::H2Settings;
 use crate::health::Health;
+use crate::http2::H2Session;
+use crate::interim::{self, EarlyHints, InterimQueue};
 use crate::limits::{check_head, Limits};
 use crate::listener::{AsyncListener, Listener};
 use crate::request::{Job, RequestData, ServerInfo};
 use crate::response::{plain_response, ResponseBody};
-use crate::session::{session_starter, sniff, Protocol, TrackedBody};
+use crate::session::{http1_starter, sniff, Protocol, TrackedBody};
 use crate::stop::StopSignal;
-use http_body::Body as _;
+use http_body::Body;
+use std::future::Future;
 use tokio_rustls::TlsAcceptor;
 
 /// nginx's `keepalive_requests` default.
@@ -71,6 +74,8 @@ pub struct ServerOptions {
     /// closes: new connections wait in the kernel's backlog, where a sibling
     /// worker sharing the socket can take them. None: no limit.
     pub max_connections: Option<usize>,
+    /// The app may send `103 Early Hints` (`rack.early_hints`).
+    pub early_hints: bool,
 }
 
 impl Default for ServerOptions {
@@ -87,6 +92,7 @@ impl Default for ServerOptions {
             io_threads: 1,
             max_keepalive_requests: Some(DEFAULT_MAX_KEEPALIVE_REQUESTS),
             max_connections: None,
+            early_hints: false,
         }
     }
 }
@@ -420,6 +426,63 @@ async fn serve_tls<S>(
     serve_connection(stream, protocol, Bytes::new(), peer, info, shared).await
 }
 
+/// What the requests of one connection share.
+struct ConnectionContext {
+    peer: Peer,
+    info: Arc<ServerInfo>,
+    shared: Arc<Shared>,
+    activity: Arc<Activity>,
+    /// HTTP/1.1 requests answered so far (`max_keepalive_requests`).
+    served: AtomicU32,
+    /// HTTP/1.1 with early hints on: the interim bytes the requests queue
+    /// for the connection's `InterimIo`.
+    interim: Option<Arc<InterimQueue>>,
+}
+
+impl ConnectionContext {
+    /// Answers an HTTP/1.1 request from hyper.
+    fn respond_http1(
+        self: &Arc<Self>,
+        request: Request<Incoming>,
+    ) -> impl Future<Output = Result<Response<TrackedBody>, Infallible>> {
+        let options = &self.shared.options;
+        let last = options.max_keepalive_requests.is_some_and(|max| {
+            self.served
+                .fetch_add(1, Ordering::Relaxed)
+                .saturating_add(1)
+                >= max
+        });
+        let deadline = self.activity.request_started() + options.max_request_read;
+        let (early_hints, hints) = match &self.interim {
+            None => (None, None),
+            Some(_) if request.version() < http::Version::HTTP_11 => {
+                (Some(EarlyHints::inert()), None)
+            }
+            Some(_) => {
+                let (early_hints, hints) = interim::channel();
+                (Some(early_hints), Some(hints))
+            }
+        };
+        let context = self.clone();
+        async move {
+            let response = handle_request(request, deadline, &context, early_hints);
+            let mut response = match (hints, &context.interim) {
+                (Some(hints), Some(queue)) => interim::http1_exchange(queue, hints, response).await,
+                _ => response.await,
+            };
+            // A stop has begun: tell a keep-alive client before closing.
+            if last || context.shared.stop.is_stopped() {
+                response.headers_mut().insert(
+                    http::header::CONNECTION,
+                    http::HeaderValue::from_static("close"),
+                );
+            }
+            let activity = context.activity.clone();
+            Ok(response.map(|body| TrackedBody { body, activity }))
+        }
+    }
+}
+
 /// Serves one connection until it ends, in `protocol` (HTTP/1.1 or 2);
 /// `prefix` holds bytes already read from it.
 async fn serve_connection<S>(
@@ -433,41 +496,16 @@ async fn serve_connection<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let activity = Activity::new();
-    let served = Arc::new(AtomicU32::new(0));
-    let service = {
-        let (info, shared, activity) = (info.clone(), shared.clone(), activity.clone());
-        service_fn(move |request: Request<Incoming>| {
-            let request_is_http1 = request.version() < http::Version::HTTP_2;
-            let last = request_is_http1
-                && shared.options.max_keepalive_requests.is_some_and(|max| {
-                    served.fetch_add(1, Ordering::Relaxed).saturating_add(1) >= max
-                });
-            let head_started = activity.request_started();
-            let deadline = head_started + shared.options.max_request_read;
-            let response = handle_request(
-                request,
-                deadline,
-                peer.clone(),
-                info.clone(),
-                shared.clone(),
-            );
-            let activity = activity.clone();
-            let shared = shared.clone();
-            async move {
-                let mut response = response.await?;
-                // A stop has begun: tell a keep-alive client before closing.
-                if last || (request_is_http1 && shared.stop.is_stopped()) {
-                    response.headers_mut().insert(
-                        http::header::CONNECTION,
-                        http::HeaderValue::from_static("close"),
-                    );
-                }
-                Ok::<_, Infallible>(response.map(|body| TrackedBody { body, activity }))
-            }
-        })
-    };
+    let context = Arc::new(ConnectionContext {
+        peer,
+        info,
+        shared: shared.clone(),
+        activity: activity.clone(),
+        served: AtomicU32::new(0),
+        interim: (protocol == Protocol::Http1 && shared.options.early_hints)
+            .then(|| Arc::new(InterimQueue::default())),
+    });
     let options = &shared.options;
-    let start = session_starter(protocol, options, service);
     let timeouts = Timeouts {
         read: options.read_timeout,
         max_request_read: options.max_request_read,
@@ -475,7 +513,27 @@ async fn serve_connection<S>(
         write: options.write_timeout,
     };
     let io = WatchedIo::with_prefix(stream, activity.clone(), prefix);
-    serve(io, start, activity, timeouts, &shared.stop).await;
+    let stop = &shared.stop;
+    match protocol {
+        Protocol::Http1 => {
+            let interim = context.interim.clone();
+            let service = service_fn(move |request| context.respond_http1(request));
+            let start = http1_starter(options, interim, service);
+            serve(io, start, activity, timeouts, stop).await;
+        }
+        Protocol::Http2 => {
+            let start = |io| {
+                let context = context.clone();
+                let respond = move |request, head_started: Instant, early_hints| {
+                    let deadline = head_started + context.shared.options.max_request_read;
+                    let context = context.clone();
+                    async move { handle_request(request, deadline, &context, early_hints).await }
+                };
+                H2Session::new(io, options, activity.clone(), respond)
+            };
+            serve(io, start, activity.clone(), timeouts, stop).await;
+        }
+    }
 }
 
 /// Requests whose body the app reads while it still arrives (gRPC over
@@ -488,11 +546,15 @@ fn is_streaming_rpc(head: &http::request::Parts) -> bool {
 
 /// Reads a request body whole (memory, then a temp file), or the response
 /// that refuses it.
-async fn read_whole_body(
-    body: Incoming,
+async fn read_whole_body<B>(
+    body: B,
     shared: &Shared,
     deadline: Instant,
-) -> Result<RequestBody, Response<ResponseBody>> {
+) -> Result<RequestBody, Response<ResponseBody>>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: std::fmt::Display,
+{
     let limits = &shared.options.limits;
     let reading = read_body(
         body,
@@ -519,15 +581,22 @@ async fn read_whole_body(
 const REFUSED_H2_BODY_BYTES: u64 = 65_535;
 const REFUSED_H2_BODY_TIME: Duration = Duration::from_secs(1);
 
-/// `deadline`: when the whole request (counted from its head's first byte)
-/// must have arrived.
-async fn handle_request(
-    request: Request<Incoming>,
+/// Answers one request of either HTTP version: checks it, reads its body
+/// (or starts streaming it), queues it for the Ruby threads and waits for
+/// their answer. `deadline`: when the whole request (counted from its head's
+/// first byte) must have arrived. `early_hints`: the app's
+/// `rack.early_hints`, when enabled.
+async fn handle_request<B>(
+    request: Request<B>,
     deadline: Instant,
-    peer: Peer,
-    server: Arc<ServerInfo>,
-    shared: Arc<Shared>,
-) -> Result<Response<ResponseBody>, Infallible> {
+    context: &ConnectionContext,
+    early_hints: Option<EarlyHints>,
+) -> Response<ResponseBody>
+where
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: std::fmt::Display,
+{
+    let shared = &context.shared;
     let (head, body) = request.into_parts();
     let limits = &shared.options.limits;
     if let Err(rejection) = check_head(&head, limits) {
@@ -536,15 +605,15 @@ async fn handle_request(
             discard_briefly(body, REFUSED_H2_BODY_BYTES, REFUSED_H2_BODY_TIME).await;
         }
         // Closing keeps an unread body from ever being parsed as a request.
-        return Ok(plain_response(rejection.status, true));
+        return plain_response(rejection.status, true);
     }
     let body = if is_streaming_rpc(&head) && !body.is_end_stream() {
         // gRPC-style: the app starts now and reads DATA as it arrives.
         RequestBody::Stream(stream_body(body, limits.max_body_bytes, deadline))
     } else {
-        match read_whole_body(body, &shared, deadline).await {
+        match read_whole_body(body, shared, deadline).await {
             Ok(body) => body,
-            Err(response) => return Ok(response),
+            Err(response) => return response,
         }
     };
     let (reply, response) = oneshot::channel();
@@ -552,26 +621,27 @@ async fn handle_request(
         request: RequestData {
             head,
             body,
-            remote_addr: peer.remote_addr,
-            client_cert: peer.client_cert,
-            server,
+            remote_addr: context.peer.remote_addr.clone(),
+            client_cert: context.peer.client_cert.clone(),
+            server: context.info.clone(),
+            early_hints,
         },
         reply,
     };
     match shared.queue.push(job) {
         Ok(()) => {}
         Err(PushError::Full(_)) => {
-            return Ok(plain_response(StatusCode::SERVICE_UNAVAILABLE, false));
+            return plain_response(StatusCode::SERVICE_UNAVAILABLE, false);
         }
         Err(PushError::Closed(_)) => {
-            return Ok(plain_response(StatusCode::SERVICE_UNAVAILABLE, true));
+            return plain_response(StatusCode::SERVICE_UNAVAILABLE, true);
         }
     }
-    Ok(match response.await {
+    match response.await {
         Ok(app_response) => app_response.into_http(),
         // The job was dropped unanswered: the worker is shutting down.
         Err(_) => plain_response(StatusCode::SERVICE_UNAVAILABLE, true),
-    })
+    }
 }
 
 #[cfg(test)]
@@ -603,7 +673,8 @@ mod tests {
 
     /// Starts a server on `endpoints` whose "app" (a plain thread standing in
     /// for Ruby) answers with the method, path and body length it saw, then
-    /// the scheme and port of the listener the request came in on.
+    /// the scheme and port of the listener the request came in on. For
+    /// /hints it sends a 103 Early Hints first, when it can.
     fn echo_server_on(
         endpoints: Vec<Endpoint>,
     ) -> (Server, Arc<Shared>, std::thread::JoinHandle<()>) {
@@ -622,6 +693,13 @@ mod tests {
                 let flag = AtomicBool::new(false);
                 let consumer = shared.queue.consumer();
                 while let Pop::Job(job) = shared.queue.pop(&consumer, &flag) {
+                    if let (Some(hints), "/hints") =
+                        (&job.request.early_hints, job.request.head.uri.path())
+                    {
+                        let mut fields = http::HeaderMap::new();
+                        fields.insert("link", http::HeaderValue::from_static("</a.css>"));
+                        hints.send(fields);
+                    }
                     let text = format!(
                         "{} {} {} {}:{}",
                         job.request.head.method,
@@ -683,6 +761,46 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("date: "), "hyper adds a Date header: {out}");
+        shared.stop.stop();
+        assert!(server.wait_stopped(&Notify::new()));
+        shared.queue.close();
+        consumer.join().unwrap();
+        server.shutdown();
+    }
+
+    #[test]
+    fn early_hints_precede_their_response_and_never_reach_http_1_0() {
+        let (endpoint, port) = plain_endpoint();
+        let options = ServerOptions {
+            early_hints: true,
+            ..ServerOptions::default()
+        };
+        let (mut server, shared, consumer) = echo_server_with(vec![endpoint], options);
+        let out = exchange(
+            port,
+            b"GET /hints HTTP/1.1\r\nHost: x\r\n\r\n\
+              GET /hints HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        let without_bodies = out.replace(&format!("GET /hints 0 http:{port}"), "");
+        let heads: Vec<&str> = without_bodies
+            .split("\r\n")
+            .filter(|line| line.starts_with("HTTP/1.1") || line.starts_with("link"))
+            .collect();
+        assert_eq!(
+            heads,
+            [
+                "HTTP/1.1 103 Early Hints",
+                "link: </a.css>",
+                "HTTP/1.1 200 OK",
+                "HTTP/1.1 103 Early Hints",
+                "link: </a.css>",
+                "HTTP/1.1 200 OK"
+            ],
+            "{out}"
+        );
+        let out = exchange(port, b"GET /hints HTTP/1.0\r\nHost: x\r\n\r\n");
+        assert!(out.starts_with("HTTP/1.0 200 OK"), "{out}");
+        assert!(!out.contains("103"), "{out}");
         shared.stop.stop();
         assert!(server.wait_stopped(&Notify::new()));
         shared.queue.close();

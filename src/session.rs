@@ -1,7 +1,7 @@
-//! The hyper side of a connection: HTTP/1.1 or HTTP/2 (chosen by ALPN under
-//! TLS, by the client's first bytes on a plain socket), as a
+//! Which HTTP a connection speaks (ALPN under TLS, the client's first bytes
+//! on a plain socket), hyper's HTTP/1.1 connection as a
 //! `connection::Session`, and the response body wrapper that tells the
-//! connection when a response is done.
+//! connection when an HTTP/1.1 response is done. HTTP/2 is in `http2`.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,12 +11,13 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper::server::conn::{http1, http2};
+use hyper::server::conn::http1;
 use hyper::service::HttpService;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::TokioTimer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
-use crate::connection::{Activity, Session, WatchedIo};
+use crate::connection::{Activity, Session, SessionResult, WatchedIo};
+use crate::interim::{InterimIo, InterimQueue};
 use crate::response::{ResponseBody, StreamAborted};
 use crate::server::ServerOptions;
 
@@ -59,24 +60,19 @@ pub async fn sniff<S: AsyncRead + Unpin>(
     Some((protocol, seen.freeze()))
 }
 
-/// hyper's connection for one protocol.
-// The variants differ in size, but `connection::serve` boxes the session, so
-// boxing a variant as well would only add an allocation.
-#[allow(clippy::large_enum_variant)]
-pub enum HyperSession<S, Svc>
+/// hyper's HTTP/1.1 connection as a `connection::Session`.
+pub struct Http1Session<S, Svc>(http1::Connection<InterimIo<WatchedIo<S>>, Svc>)
 where
-    Svc: HttpService<Incoming>,
-{
-    Http1(http1::Connection<WatchedIo<S>, Svc>),
-    Http2(http2::Connection<WatchedIo<S>, Svc, TokioExecutor>),
-}
+    Svc: HttpService<Incoming>;
 
-/// Builds sessions of `protocol` with the server's settings.
-pub fn session_starter<S, Svc>(
-    protocol: Protocol,
+/// Builds HTTP/1.1 sessions with the server's settings. (HTTP/2 sessions are
+/// `http2::H2Session`.) `interim`: the connection's queue of 103 Early Hints
+/// bytes, when early hints are on.
+pub fn http1_starter<S, Svc>(
     options: &ServerOptions,
+    interim: Option<Arc<InterimQueue>>,
     service: Svc,
-) -> impl Fn(WatchedIo<S>) -> HyperSession<S, Svc>
+) -> impl Fn(WatchedIo<S>) -> Http1Session<S, Svc>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     Svc: HttpService<Incoming, ResBody = TrackedBody> + Clone + Send + 'static,
@@ -90,37 +86,27 @@ where
         .max_headers(options.limits.max_headers)
         .max_header_size(options.limits.max_header_bytes)
         .keep_alive(true);
-    let mut h2 = http2::Builder::new(TokioExecutor::new());
-    let settings = options.h2;
-    h2.timer(TokioTimer::new())
-        .max_concurrent_streams(settings.max_concurrent_streams)
-        .initial_stream_window_size(settings.initial_window_size)
-        .max_frame_size(settings.max_frame_size)
-        .max_header_list_size(settings.max_header_list_size);
-    move |io| match protocol {
-        Protocol::Http1 => HyperSession::Http1(h1.serve_connection(io, service.clone())),
-        Protocol::Http2 => HyperSession::Http2(h2.serve_connection(io, service.clone())),
+    move |io| {
+        let io = InterimIo::new(io, interim.clone());
+        Http1Session(h1.serve_connection(io, service.clone()))
     }
 }
 
-impl<S, Svc> std::future::Future for HyperSession<S, Svc>
+impl<S, Svc> std::future::Future for Http1Session<S, Svc>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     Svc: HttpService<Incoming, ResBody = TrackedBody> + Unpin + Send + 'static,
     Svc::Future: Send + 'static,
     Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    type Output = hyper::Result<()>;
+    type Output = SessionResult;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<hyper::Result<()>> {
-        match &mut *self {
-            HyperSession::Http1(connection) => Pin::new(connection).poll(cx),
-            HyperSession::Http2(connection) => Pin::new(connection).poll(cx),
-        }
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SessionResult> {
+        Pin::new(&mut self.0).poll(cx).map_err(Into::into)
     }
 }
 
-impl<S, Svc> Session<S> for HyperSession<S, Svc>
+impl<S, Svc> Session<S> for Http1Session<S, Svc>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     Svc: HttpService<Incoming, ResBody = TrackedBody> + Unpin + Send + 'static,
@@ -128,25 +114,12 @@ where
     Svc::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     fn graceful_shutdown(&mut self) {
-        match self {
-            HyperSession::Http1(connection) => Pin::new(connection).graceful_shutdown(),
-            // Sends GOAWAY: streams in flight finish, new ones are refused.
-            HyperSession::Http2(connection) => Pin::new(connection).graceful_shutdown(),
-        }
+        Pin::new(&mut self.0).graceful_shutdown();
     }
 
     fn into_io(self) -> Option<(WatchedIo<S>, Bytes)> {
-        match self {
-            HyperSession::Http1(connection) => {
-                let parts = connection.into_parts();
-                Some((parts.io, parts.read_buf))
-            }
-            HyperSession::Http2(_) => None,
-        }
-    }
-
-    fn multiplexed(&self) -> bool {
-        matches!(self, HyperSession::Http2(_))
+        let parts = self.0.into_parts();
+        Some((parts.io.into_inner(), parts.read_buf))
     }
 }
 

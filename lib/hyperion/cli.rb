@@ -27,7 +27,8 @@ module Hyperion
        "Time for a whole request, head and body, else 408 (default 60)"],
       ["--idle-timeout SECONDS", :idle_timeout, Float, "Close an idle keep-alive connection after this (default 20)"],
       ["--write-timeout SECONDS", :write_timeout, Float,
-       "Drop a client that reads nothing of a response for this long (default 10)"],
+       "Drop a client that reads nothing of a response for this long; reset an HTTP/2 stream " \
+       "that gets no window for this long (default 10)"],
       ["--max-body-bytes BYTES", :max_body_bytes, Integer, "Largest request body, else 413 (default 1073741824)"],
       ["--max-uri-bytes BYTES", :max_uri_bytes, Integer, "Longest request target, else 414 (default 12288)"],
       ["--max-header-bytes BYTES", :max_header_bytes, Integer, "Largest header section, else 431 (default 114688)"],
@@ -140,7 +141,8 @@ module Hyperion
     # only validates; nothing binds or runs.
     def check_worker_settings(config)
       Worker.new(host: "127.0.0.1", port: 0, app: ->(_env) {}, read_timeout: config.read_timeout,
-                 thread_count: config.threads, config: config, h2_settings: config.h2, **config.limits)
+                 thread_count: config.threads, config: config, h2_settings: config.h2,
+                 early_hints: config.early_hints, **config.limits)
     rescue ArgumentError, TypeError => e
       raise ConfigError, flag_message(e)
     end
@@ -155,7 +157,7 @@ module Hyperion
       Worker.new(host: address.ip? ? address.ip_address : "localhost", port: address.ip? ? address.ip_port : 0,
                  app: app, read_timeout: config.read_timeout, thread_count: config.threads, config: config,
                  listener: sockets.size == 1 ? sockets.first : sockets, tls: tls,
-                 h2_settings: config.h2, worker_index: index, **config.limits)
+                 h2_settings: config.h2, early_hints: config.early_hints, worker_index: index, **config.limits)
     rescue ArgumentError, TypeError => e
       raise ConfigError, flag_message(e)
     end
@@ -218,6 +220,9 @@ module Hyperion
           raise ConfigError, "--worker-timeout must be a positive number of seconds, got #{v}" unless v.positive?
 
           flags[:settings][:worker_timeout] = v
+        end
+        o.on("--[no-]early-hints", "Let the app send 103 Early Hints (env[\"rack.early_hints\"]; default off)") do |v|
+          flags[:settings][:early_hints] = v
         end
         o.on("--redirect-stdout PATH", "Append stdout to this file; HUP reopens it") do |v|
           flags[:redirect][0] = v

@@ -23,6 +23,7 @@ module Hyperion
       io_threads: 1,
       tls: nil,
       h2: nil,
+      early_hints: false, # env["rack.early_hints"] (103 Early Hints), off as in Puma
       # Worker keywords beyond the seed API (limits and timeouts); nil means
       # the server's default.
       limits: {}

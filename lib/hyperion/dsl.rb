@@ -126,6 +126,13 @@ module Hyperion
       @config.h2 = BlockSettings.collect(settings, &block)
     end
 
+    # Lets the app send 103 Early Hints through env["rack.early_hints"]
+    # (Rails' preload links do); early_hints false turns it off again.
+    def early_hints(enabled = true)
+      fail!("early_hints expects true or false, got #{enabled.inspect}") unless [true, false].include?(enabled)
+      @config.early_hints = enabled
+    end
+
     def io_threads(count)
       @config.io_threads = integer(:io_threads, count, 1..64)
     end

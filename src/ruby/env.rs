@@ -32,6 +32,7 @@ pub(crate) fn build_env(
         remote_addr,
         client_cert,
         server,
+        early_hints,
     } = request;
     let env = ruby.hash_new();
     let set = |key: &Lazy<RString>, value: Value| env.aset(ruby.get_inner(key), value);
@@ -95,6 +96,10 @@ pub(crate) fn build_env(
     set(&RACK_MULTIPROCESS, flags.multiprocess.into_value_with(ruby))?;
     set(&RACK_RUN_ONCE, ruby.qfalse().as_value())?;
     set(&RACK_HIJACK_P, ruby.qfalse().as_value())?;
+    if let Some(hints) = early_hints {
+        let callable = ruby.obj_wrap(super::early_hints::EarlyHints::new(hints));
+        set(&RACK_EARLY_HINTS, callable.as_value())?;
+    }
     Ok(env)
 }
 

@@ -36,6 +36,7 @@ interned! {
     RACK_MULTIPROCESS = "rack.multiprocess";
     RACK_RUN_ONCE = "rack.run_once";
     RACK_HIJACK_P = "rack.hijack?";
+    RACK_EARLY_HINTS = "rack.early_hints";
     HTTPS_KEY = "HTTPS";
     ON = "on";
     SSL_CLIENT_CERT = "SSL_CLIENT_CERT";

@@ -1,6 +1,7 @@
 //! Ruby bindings (magnus). One file per concern; no server logic lives here.
 
 mod app_thread;
+mod early_hints;
 mod env;
 mod errors;
 mod keys;
@@ -18,6 +19,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     keys::check_constants(ruby)?;
     let module = ruby.define_module("Hyperion")?;
     stream_input::init(ruby, module)?;
+    early_hints::init(ruby, module)?;
     pinned::init(ruby, module)?;
     worker::init(ruby, module)
 }

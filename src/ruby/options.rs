@@ -310,8 +310,8 @@ pub(crate) fn h2_settings(ruby: &Ruby, value: Option<Value>) -> Result<Option<H2
 }
 
 /// Worker keywords beyond the seed API: the limits and timeouts of
-/// docs/configuration.md.
-pub(crate) const LIMIT_KEYWORDS: [&str; 9] = [
+/// docs/configuration.md, and `early_hints`.
+pub(crate) const LIMIT_KEYWORDS: [&str; 10] = [
     "max_body_bytes",
     "max_uri_bytes",
     "max_header_bytes",
@@ -321,6 +321,7 @@ pub(crate) const LIMIT_KEYWORDS: [&str; 9] = [
     "graceful_timeout",
     "max_keepalive_requests",
     "max_connections",
+    "early_hints",
 ];
 
 /// Applies the limit keywords left over after the seed ones; any other key is
@@ -366,6 +367,7 @@ fn apply_limit_keyword(
             options.max_connections = optional_integer(ruby, key, Some(value), 1, u32::MAX as i64)?
                 .map(|max| max as usize)
         }
+        "early_hints" => options.early_hints = boolean(ruby, key, Some(value))?.unwrap_or(false),
         _ => {
             return Err(arg_error(
                 ruby,

@@ -112,6 +112,16 @@ fn answer_failure(sender: oneshot::Sender<AppResponse>, failed: Failure) -> Resu
     }
 }
 
+/// Header fields from a Rack headers object, converted and checked as a
+/// response's are (for `rack.early_hints`): what is invalid raises
+/// ArgumentError; a non-local exit passes through.
+pub(crate) fn header_fields(ruby: &Ruby, headers: Value) -> Result<HeaderMap, Error> {
+    convert_headers(ruby, headers).map_err(|failed| match failed {
+        Failure::Invalid(message) => Error::new(ruby.exception_arg_error(), message),
+        Failure::Exit(exit) => exit,
+    })
+}
+
 fn send_error(sender: oneshot::Sender<AppResponse>, message: &str) {
     tracing::error!("invalid Rack response: {message}");
     let _ = sender.send(AppResponse::plain(StatusCode::INTERNAL_SERVER_ERROR, false));
