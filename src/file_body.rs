@@ -10,16 +10,62 @@
 //! meanwhile does not change the response; one that shrinks ends it as
 //! aborted (the client sees a broken response, never a short one that looks
 //! complete).
+//!
+//! The read buffers come from a small pool and go back to it when hyper
+//! drops them: a fresh 128 KiB buffer per chunk is an mmap, page faults,
+//! zeroing and an munmap each time (a third of the I/O thread's time in a
+//! profile of file_1m.ru before the pool).
 
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use bytes::{Bytes, BytesMut};
+use std::sync::Mutex;
+
+use bytes::Bytes;
 
 /// How much is read per data frame.
 pub const CHUNK: usize = 128 * 1024;
+
+/// Buffers kept for reuse (4 MiB at most).
+const POOLED: usize = 32;
+
+static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+
+/// A read buffer of `CHUNK` initialised bytes (zeroed once, when first
+/// made), `filled` of them holding data; it returns to the pool when dropped.
+struct PooledBuffer {
+    buffer: Vec<u8>,
+    filled: usize,
+}
+
+impl PooledBuffer {
+    fn take() -> Self {
+        let buffer = POOL
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_else(|| vec![0; CHUNK]);
+        Self { buffer, filled: 0 }
+    }
+}
+
+impl AsRef<[u8]> for PooledBuffer {
+    fn as_ref(&self) -> &[u8] {
+        &self.buffer[..self.filled]
+    }
+}
+
+impl Drop for PooledBuffer {
+    fn drop(&mut self) {
+        let buffer = std::mem::take(&mut self.buffer);
+        let mut pool = POOL.lock().unwrap_or_else(|p| p.into_inner());
+        if pool.len() < POOLED {
+            pool.push(buffer);
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct FileBody {
@@ -57,18 +103,18 @@ impl FileBody {
             return Ok(None);
         }
         let want = self.remaining.min(CHUNK as u64) as usize;
-        let mut buffer = BytesMut::zeroed(want);
-        let read = self.file.read_at(&mut buffer, self.offset)?;
+        let mut pooled = PooledBuffer::take();
+        let read = self.file.read_at(&mut pooled.buffer[..want], self.offset)?;
         if read == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
                 "the file shrank while it was being sent",
             ));
         }
-        buffer.truncate(read);
+        pooled.filled = read;
         self.offset += read as u64;
         self.remaining -= read as u64;
-        Ok(Some(buffer.freeze()))
+        Ok(Some(Bytes::from_owner(pooled)))
     }
 }
 
