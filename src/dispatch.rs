@@ -202,7 +202,10 @@ impl<T> Dispatcher<T> {
         state.jobs.push_back(job);
         if state.running == 0 && state.woken == 0 {
             wake_idle(&mut state);
-        } else if state.watchdog_asleep {
+        } else if state.watchdog_asleep && !state.idle.is_empty() {
+            // Only when there is a thread it could add: with every thread
+            // busy (always so with one thread) waking it would be a context
+            // switch per request for nothing.
             state.watchdog_asleep = false;
             self.watchdog.notify_one();
         }
