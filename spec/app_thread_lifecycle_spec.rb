@@ -11,15 +11,6 @@ RSpec.describe "app threads" do
     Thread.list.select { |t| t.name&.start_with?("hyperion-app-") && t.alive? }
   end
 
-  def wait_for(seconds = 20)
-    deadline = Process.clock_gettime(Process::CLOCK_MONOTONIC) + seconds
-    until yield
-      raise "condition not met within #{seconds} s" if Process.clock_gettime(Process::CLOCK_MONOTONIC) > deadline
-
-      sleep 0.02
-    end
-  end
-
   def get(port, path = "/")
     Net::HTTP.start("127.0.0.1", port, read_timeout: 20) { |http| http.get(path) }
   end
@@ -46,7 +37,7 @@ RSpec.describe "app threads" do
     end
     with_worker(app, thread_count: 1) do |port|
       slow = Thread.new { get(port, "/slow") }
-      wait_for { app_threads.first&.status == "sleep" }
+      wait_until { app_threads.first&.status == "sleep" }
       sleep 0.1
       app_threads.first.raise(Timeout::Error, "request took too long")
       expect(slow.value.code).to eq("500")
