@@ -106,13 +106,18 @@ RSpec.describe "behind nginx and HAProxy", timeout: 120 do
     end
 
     [%w[v1 send-proxy], %w[v2 send-proxy-v2]].each do |version, option|
-      it "with #{option}: REMOTE_ADDR from the PROXY header, new and keep-alive client connections" do
-        with_cli("--proxy-protocol", version, chdir: dir) do |port|
-          haproxy_in_front(port, option) do |front|
+      it "with #{option}: REMOTE_ADDR from the PROXY header, new and keep-alive client connections; " \
+         "its health checks send the header too" do
+        with_cli("--proxy-protocol", version, chdir: dir, env: { "HYPERION_LOG" => "debug" }) do |port, _pid, log|
+          haproxy_in_front(port, "#{option} check inter 100ms") do |front, haproxy_dir|
             expect(Array.new(3) { get_from_client(front) }.uniq).to eq(["#{client} HTTP/1.1 http"])
             Net::HTTP.new("127.0.0.1", front).tap { |h| h.local_host = client }.start do |http|
               expect(Array.new(3) { get_from_client(front, http) }.uniq).to eq(["#{client} HTTP/1.1 http"])
             end
+            # A check connects, sends its header and leaves: never refused.
+            wait_until { haproxy_stats(haproxy_dir, "hyperion", "app")["check_status"] == "L4OK" }
+            sleep 0.5 # a few more checks
+            expect(File.read(log)).not_to include("connection refused")
           end
         end
       end
