@@ -187,17 +187,24 @@ where
     }
 }
 
-/// Takes a v2 header off `stream`, and nothing after it.
-async fn read_v2<S: AsyncRead + Unpin>(stream: &mut S) -> Result<Vec<u8>, Refusal> {
-    let mut header = vec![0u8; V2_FIXED_BYTES];
-    stream.read_exact(&mut header).await?;
+/// Takes a v2 header off `stream` into `header` (empty), and nothing after it.
+async fn read_v2<S: AsyncRead + Unpin>(
+    stream: &mut S,
+    header: &mut Vec<u8>,
+) -> Result<(), Refusal> {
+    header.resize(V2_FIXED_BYTES, 0);
+    stream.read_exact(header).await?;
     if header[..V2_SIGNATURE.len()] != V2_SIGNATURE[..] {
         return Err(Refusal::NotAHeader(Version::V2));
     }
-    let rest = u16::from_be_bytes([header[14], header[15]]) as usize;
-    header.resize(V2_FIXED_BYTES + rest, 0);
-    stream.read_exact(&mut header[V2_FIXED_BYTES..]).await?;
-    Ok(header)
+    let rest = u16::from_be_bytes([header[14], header[15]]) as u64;
+    // The buffer grows with what arrives: 16 bytes claiming 64 KiB to come
+    // must not cost 64 KiB while the client waits out the read timeout.
+    let read = (&mut *stream).take(rest).read_to_end(header).await?;
+    if (read as u64) < rest {
+        return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+    }
+    Ok(())
 }
 
 /// The client a whole header names. `None`: it names none, and the socket's
@@ -242,7 +249,11 @@ where
 {
     let header = match version {
         Version::V1 => read_v1(stream).await?,
-        Version::V2 => read_v2(stream).await?,
+        Version::V2 => {
+            let mut header = Vec::new();
+            read_v2(stream, &mut header).await?;
+            header
+        }
     };
     decode(version, &header)
 }
@@ -492,6 +503,22 @@ mod tests {
             refused(Version::V1, b"PROXY TCP4 1.2"),
             Refusal::Io(_)
         ));
+    }
+
+    #[test]
+    fn a_v2_header_s_buffer_grows_with_what_arrives_not_with_what_it_claims() {
+        let mut claim = V2_SIGNATURE.to_vec();
+        claim.extend([0x21, 0x11, 0xff, 0xff]);
+        let mut stream = Arrivals::new(vec![claim, vec![0; 12]]);
+        let mut header = Vec::new();
+        let read = read_v2(&mut stream, &mut header).now_or_never().unwrap();
+        assert!(matches!(read, Err(Refusal::Io(_))), "{read:?}");
+        assert_eq!(header.len(), V2_FIXED_BYTES + 12);
+        assert!(
+            header.capacity() < 1024,
+            "{} bytes reserved for 28 received",
+            header.capacity()
+        );
     }
 
     #[tokio::test]

@@ -383,6 +383,17 @@ struct Peer {
     client_cert: Option<Arc<str>>,
 }
 
+/// With the PROXY protocol on, takes the header that must open the
+/// connection (within `read_timeout`) and the client it names. False: the
+/// connection is refused and must be closed.
+async fn take_proxy_header<S>(stream: &mut S, peer: &mut Peer, options: &ServerOptions) -> bool
+where
+    S: AsyncRead + Peek + Unpin,
+{
+    let version = options.remote_address.proxy_protocol();
+    take_header(stream, version, options.read_timeout, &mut peer.remote_addr).await
+}
+
 /// Serves a plaintext connection: HTTP/2 when it opens with the HTTP/2
 /// preface (h2c with prior knowledge), HTTP/1.1 otherwise. A connection that
 /// sends nothing within `read_timeout` gets 408. With the PROXY protocol on,
@@ -395,16 +406,7 @@ async fn serve_plaintext<S>(
 ) where
     S: AsyncRead + AsyncWrite + AsRawFd + Peek + Unpin + Send + 'static,
 {
-    let options = &shared.options;
-    let proxy_protocol = options.remote_address.proxy_protocol();
-    if !take_header(
-        &mut stream,
-        proxy_protocol,
-        options.read_timeout,
-        &mut peer.remote_addr,
-    )
-    .await
-    {
+    if !take_proxy_header(&mut stream, &mut peer, &shared.options).await {
         return;
     }
     let fd = stream.as_raw_fd();
@@ -428,16 +430,7 @@ async fn serve_tls<S>(
 ) where
     S: AsyncRead + AsyncWrite + Peek + Unpin + Send + 'static,
 {
-    let options = &shared.options;
-    let proxy_protocol = options.remote_address.proxy_protocol();
-    if !take_header(
-        &mut stream,
-        proxy_protocol,
-        options.read_timeout,
-        &mut peer.remote_addr,
-    )
-    .await
-    {
+    if !take_proxy_header(&mut stream, &mut peer, &shared.options).await {
         return;
     }
     // Boxed as soon as the handshake returns it: the rustls connection takes
@@ -652,8 +645,10 @@ where
             Err(response) => return response,
         }
     };
-    let remote_addr =
-        (shared.options.remote_address).for_request(&head.headers, &context.peer.remote_addr);
+    let remote_addr = shared
+        .options
+        .remote_address
+        .for_request(&head.headers, &context.peer.remote_addr);
     let (reply, response) = oneshot::channel();
     let job = Job {
         request: RequestData {
