@@ -58,6 +58,8 @@ RSpec.describe "bin/hyperion" do
                                                 /\Ahyperion: --max-connections: must be between 1 and \d+, got 0\n\z/],
     "a non-numeric --max-connections" => [["--max-connections", "many", "examples/hello.ru"],
                                           /\Ahyperion: invalid argument: --max-connections many/],
+    "a bad --proxy-protocol" => [["--proxy-protocol", "v3", "examples/hello.ru"],
+                                 /\Ahyperion: invalid argument: --proxy-protocol v3 \(see hyperion --help\)\n\z/],
     "a rackup with a syntax error" => [[File.join(ServerHelpers::FIXTURES, "syntax_error.ru")],
                                        /\Ahyperion: could not load .*syntax_error\.ru: SyntaxError/]
   }.each do |problem, (args, message)|

@@ -119,6 +119,9 @@ RSpec.describe "the config file" do
     "a bad worker_max_rss_mb" => ["worker_max_rss_mb 0\n", %r{\Ahyperion: config/hyperion\.rb:1: worker_max_rss_mb expects an Integer in 1\.\., got 0}],
     "a bad stdout_redirect" => ["stdout_redirect 5\n", %r{\Ahyperion: config/hyperion\.rb:1: stdout_redirect expects a String, got 5}],
     "a bad preload_app!" => ["preload_app! :yes\n", %r{\Ahyperion: config/hyperion\.rb:1: preload_app! expects true or false, got :yes}],
+    "a bad set_remote_address" => ["set_remote_address :peer\n", %r{\Ahyperion: config/hyperion\.rb:1: set_remote_address expects :socket, :localhost, a String, header: "X-Real-IP" or proxy_protocol: :v1 or :v2, got :peer\n\z}],
+    "a bad PROXY protocol version" => ["set_remote_address proxy_protocol: :v3\n", %r{\Ahyperion: config/hyperion\.rb:1: set_remote_address proxy_protocol: expects :v1 or :v2, got :v3\n\z}],
+    "a bad remote address header" => ["port 0\nset_remote_address header: 'X Real IP'\n", %r{\Ahyperion: config/hyperion\.rb:2: set_remote_address header: "X Real IP" is not a header name\n\z}],
     "a bad unix umask" => ["bind 'unix:///tmp/x.sock?umask=999'\n", %r{\Ahyperion: config/hyperion\.rb:1: bind unix:///tmp/x\.sock\?umask=999: umask must be octal}]
   }.each do |problem, (text, message)|
     it "stops boot with the file, line and a hint for #{problem}" do

@@ -115,4 +115,30 @@ RSpec.describe "serving under GC.stress", :gc_stress, timeout: 300 do
     runner&.join(30)
     listeners&.each { |l| l.close unless l.closed? }
   end
+
+  it "builds Workers from remote_address: and proxy_protocol: of binary Strings and serves with one" do
+    keywords = [{ remote_address: { "header" => "X-Real-IP".b } }, { remote_address: "10.1.1.1".b },
+                { remote_address: { proxy_protocol: "V2".b } }, { proxy_protocol: "v1".b }]
+    listeners = keywords.map { TCPServer.new("127.0.0.1", 0) }
+    app = ->(env) { [200, {}, [env["REMOTE_ADDR"]]] }
+    workers = gc_stress(compact_every_gc: true) do
+      keywords.zip(listeners).map do |given, listener|
+        Hyperion::Worker.new(host: "127.0.0.1", port: 0, app: app, read_timeout: spec_read_timeout,
+                             listener: listener, **given)
+      end
+    end
+    GC.start
+    runner = Thread.new { workers.first.run }
+    runner.report_on_exception = false
+    url = "http://127.0.0.1:#{listeners.first.local_address.ip_port}/"
+    body = gc_stress do
+      Open3.capture2("curl", "-s", "--max-time", "300", "--retry", "5", "--retry-connrefused", "-H",
+                     "X-Real-IP: 192.0.2.5, 10.0.0.1", url).first
+    end
+    expect(body).to eq("192.0.2.5")
+  ensure
+    workers&.first&.stop
+    runner&.join(30)
+    listeners&.each { |l| l.close unless l.closed? }
+  end
 end

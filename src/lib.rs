@@ -17,6 +17,8 @@ pub mod interim;
 pub mod limits;
 pub mod listener;
 pub mod logging;
+pub mod proxy_protocol;
+pub mod remote_address;
 pub mod request;
 pub mod response;
 pub mod server;

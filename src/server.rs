@@ -34,6 +34,8 @@ use crate::http2::H2Session;
 use crate::interim::{self, EarlyHints, InterimQueue};
 use crate::limits::{check_head, Limits};
 use crate::listener::{AsyncListener, Listener};
+use crate::proxy_protocol::{take_header, Peek};
+use crate::remote_address::RemoteAddress;
 use crate::request::{Job, RequestData, ServerInfo};
 use crate::response::{plain_response, ResponseBody};
 use crate::session::{http1_starter, sniff, Protocol, TrackedBody};
@@ -76,6 +78,9 @@ pub struct ServerOptions {
     pub max_connections: Option<usize>,
     /// The app may send `103 Early Hints` (`rack.early_hints`).
     pub early_hints: bool,
+    /// Where REMOTE_ADDR comes from; with the PROXY protocol, every
+    /// connection must open with its header.
+    pub remote_address: RemoteAddress,
 }
 
 impl Default for ServerOptions {
@@ -93,6 +98,7 @@ impl Default for ServerOptions {
             max_keepalive_requests: Some(DEFAULT_MAX_KEEPALIVE_REQUESTS),
             max_connections: None,
             early_hints: false,
+            remote_address: RemoteAddress::Socket,
         }
     }
 }
@@ -286,7 +292,7 @@ fn spawn_connection<S>(
     shared: &Arc<Shared>,
     held: Held,
 ) where
-    S: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + AsRawFd + Peek + Unpin + Send + 'static,
 {
     let (info, shared) = (info.clone(), shared.clone());
     let peer = Peer {
@@ -310,7 +316,7 @@ async fn plaintext_task<S>(
     shared: Arc<Shared>,
     held: Held,
 ) where
-    S: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + AsRawFd + Peek + Unpin + Send + 'static,
 {
     // Declared first, dropped last: the socket closes before the slot frees.
     let _held = held;
@@ -326,7 +332,7 @@ async fn tls_task<S>(
     shared: Arc<Shared>,
     held: Held,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Peek + Unpin + Send + 'static,
 {
     // As in `plaintext_task`.
     let _held = held;
@@ -377,13 +383,32 @@ struct Peer {
     client_cert: Option<Arc<str>>,
 }
 
+/// With the PROXY protocol on, takes the header that must open the
+/// connection (within `read_timeout`) and the client it names. False: the
+/// connection is refused and must be closed.
+async fn take_proxy_header<S>(stream: &mut S, peer: &mut Peer, options: &ServerOptions) -> bool
+where
+    S: AsyncRead + Peek + Unpin,
+{
+    let version = options.remote_address.proxy_protocol();
+    take_header(stream, version, options.read_timeout, &mut peer.remote_addr).await
+}
+
 /// Serves a plaintext connection: HTTP/2 when it opens with the HTTP/2
 /// preface (h2c with prior knowledge), HTTP/1.1 otherwise. A connection that
-/// sends nothing within `read_timeout` gets 408.
-async fn serve_plaintext<S>(mut stream: S, peer: Peer, info: Arc<ServerInfo>, shared: Arc<Shared>)
-where
-    S: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
+/// sends nothing within `read_timeout` gets 408. With the PROXY protocol on,
+/// its header comes first.
+async fn serve_plaintext<S>(
+    mut stream: S,
+    mut peer: Peer,
+    info: Arc<ServerInfo>,
+    shared: Arc<Shared>,
+) where
+    S: AsyncRead + AsyncWrite + AsRawFd + Peek + Unpin + Send + 'static,
 {
+    if !take_proxy_header(&mut stream, &mut peer, &shared.options).await {
+        return;
+    }
     let fd = stream.as_raw_fd();
     let Some((protocol, prefix)) = sniff(&mut stream, shared.options.read_timeout).await else {
         // SAFETY: `stream` owns the descriptor and is alive here.
@@ -394,16 +419,20 @@ where
 }
 
 /// Runs the TLS handshake (bounded by `read_timeout`), then serves. A failed
-/// or stalled handshake only ends this connection.
+/// or stalled handshake only ends this connection. With the PROXY protocol
+/// on, its header comes first, in plaintext.
 async fn serve_tls<S>(
     acceptor: TlsAcceptor,
-    stream: S,
+    mut stream: S,
     mut peer: Peer,
     info: Arc<ServerInfo>,
     shared: Arc<Shared>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Peek + Unpin + Send + 'static,
 {
+    if !take_proxy_header(&mut stream, &mut peer, &shared.options).await {
+        return;
+    }
     // Boxed as soon as the handshake returns it: the rustls connection takes
     // 1.2 KiB, and inline it would take a slot in this task's future once per
     // nested future that holds it (a local, once borrowed, keeps its slot
@@ -616,12 +645,16 @@ where
             Err(response) => return response,
         }
     };
+    let remote_addr = shared
+        .options
+        .remote_address
+        .for_request(&head.headers, &context.peer.remote_addr);
     let (reply, response) = oneshot::channel();
     let job = Job {
         request: RequestData {
             head,
             body,
-            remote_addr: context.peer.remote_addr.clone(),
+            remote_addr,
             client_cert: context.peer.client_cert.clone(),
             server: context.info.clone(),
             early_hints,

@@ -142,7 +142,7 @@ module Hyperion
     def check_worker_settings(config)
       Worker.new(host: "127.0.0.1", port: 0, app: ->(_env) {}, read_timeout: config.read_timeout,
                  thread_count: config.threads, config: config, h2_settings: config.h2,
-                 early_hints: config.early_hints, **config.limits)
+                 early_hints: config.early_hints, remote_address: config.remote_address, **config.limits)
     rescue ArgumentError, TypeError => e
       raise ConfigError, flag_message(e)
     end
@@ -157,7 +157,8 @@ module Hyperion
       Worker.new(host: address.ip? ? address.ip_address : "localhost", port: address.ip? ? address.ip_port : 0,
                  app: app, read_timeout: config.read_timeout, thread_count: config.threads, config: config,
                  listener: sockets.size == 1 ? sockets.first : sockets, tls: tls,
-                 h2_settings: config.h2, early_hints: config.early_hints, worker_index: index, **config.limits)
+                 h2_settings: config.h2, early_hints: config.early_hints, remote_address: config.remote_address,
+                 worker_index: index, **config.limits)
     rescue ArgumentError, TypeError => e
       raise ConfigError, flag_message(e)
     end
@@ -223,6 +224,10 @@ module Hyperion
         end
         o.on("--[no-]early-hints", "Let the app send 103 Early Hints (env[\"rack.early_hints\"]; default off)") do |v|
           flags[:settings][:early_hints] = v
+        end
+        o.on("--proxy-protocol VERSION", %w[v1 v2], "Every connection opens with a PROXY protocol header " \
+                                                    "(v1 or v2); REMOTE_ADDR comes from it (default off)") do |v|
+          flags[:settings][:remote_address] = { proxy_protocol: v.to_sym }
         end
         o.on("--redirect-stdout PATH", "Append stdout to this file; HUP reopens it") do |v|
           flags[:redirect][0] = v

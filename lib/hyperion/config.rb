@@ -24,6 +24,9 @@ module Hyperion
       tls: nil,
       h2: nil,
       early_hints: false, # env["rack.early_hints"] (103 Early Hints), off as in Puma
+      # Where REMOTE_ADDR comes from: set_remote_address's argument, as given
+      # (:socket, :localhost, a String, { header: }, { proxy_protocol: }).
+      remote_address: :socket,
       # Worker keywords beyond the seed API (limits and timeouts); nil means
       # the server's default.
       limits: {}

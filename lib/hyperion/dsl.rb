@@ -9,6 +9,8 @@ module Hyperion
                 max_request_read_seconds max_pending max_keepalive_requests max_connections].freeze
     # Limits whose 0 would refuse everything; the others take 0 as it comes.
     AT_LEAST_ONE = %i[max_connections].freeze
+    # An HTTP field name (RFC 9110 token).
+    HEADER_NAME = /\A[!#$%&'*+.^_`|~0-9A-Za-z-]+\z/.freeze
 
     def self.load(path, config)
       new(config, path).instance_eval(File.read(path), path, 1)
@@ -133,6 +135,24 @@ module Hyperion
       @config.early_hints = enabled
     end
 
+    # Where REMOTE_ADDR comes from, as Puma's set_remote_address: :socket
+    # (the peer), :localhost, a fixed String, header: "X-Real-IP" (the first
+    # address in that header), or proxy_protocol: :v1 / :v2 (the PROXY
+    # protocol header every connection must then open with).
+    def set_remote_address(value = :socket)
+      @config.remote_address =
+        case value
+        when :socket, :localhost then value
+        when String
+          fail!("set_remote_address: the String is empty") if value.empty?
+          value
+        when Hash then remote_address_hash(value)
+        else
+          fail!("set_remote_address expects :socket, :localhost, a String, header: \"X-Real-IP\" " \
+                "or proxy_protocol: :v1 or :v2, got #{value.inspect}")
+        end
+    end
+
     def io_threads(count)
       @config.io_threads = integer(:io_threads, count, 1..64)
     end
@@ -177,6 +197,25 @@ module Hyperion
     def fail!(message)
       line = caller_locations.find { |l| l.path == @path }&.lineno
       raise ConfigError, "#{@path}:#{line}: #{message}"
+    end
+
+    def remote_address_hash(value)
+      fail!("set_remote_address takes one of header: or proxy_protocol:, got #{value.inspect}") unless value.size == 1
+
+      key, setting = value.first
+      case key
+      when :header
+        name = string(:"set_remote_address header:", setting)
+        fail!("set_remote_address header: #{name.inspect} is not a header name") unless name.match?(HEADER_NAME)
+        { header: name }
+      when :proxy_protocol
+        version = setting.to_s.downcase.to_sym
+        return { proxy_protocol: version } if %i[v1 v2].include?(version)
+
+        fail!("set_remote_address proxy_protocol: expects :v1 or :v2, got #{setting.inspect}")
+      else
+        fail!("set_remote_address: unknown key #{key.inspect} (use header: or proxy_protocol:)")
+      end
     end
 
     def string(name, value)

@@ -21,7 +21,8 @@ module ServerHelpers
   def with_worker(app, thread_count: 2, config: nil, **options)
     listener = options.delete(:listener) || TCPServer.new("127.0.0.1", 0)
     port = listener.respond_to?(:local_address) && listener.local_address.ip? ? listener.local_address.ip_port : 0
-    worker = Hyperion::Worker.new(host: "127.0.0.1", port: port, app: app, read_timeout: spec_read_timeout,
+    read_timeout = options.delete(:read_timeout) || spec_read_timeout
+    worker = Hyperion::Worker.new(host: "127.0.0.1", port: port, app: app, read_timeout: read_timeout,
                                   thread_count: thread_count, config: config, listener: listener, **options)
     runner = Thread.new { worker.run }
     runner.report_on_exception = false

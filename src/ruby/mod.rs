@@ -8,6 +8,7 @@ mod keys;
 mod nogvl;
 mod options;
 mod pinned;
+mod remote_address;
 mod response;
 mod stream_input;
 mod worker;

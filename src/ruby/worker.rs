@@ -102,7 +102,8 @@ impl Worker {
     /// `Worker.new(host:, port:, app:, read_timeout:, tls: nil, thread_count: 5,
     /// config: nil, worker_index: 0, listener: nil, max_pending: nil,
     /// max_request_read_seconds: 60, h2_settings: nil, async_io: nil,
-    /// **limits)` — the limits and timeouts beyond the seed API are listed in
+    /// remote_address: :socket, proxy_protocol: nil, **limits)` — the limits
+    /// and timeouts beyond the seed API are listed in
     /// `options::LIMIT_KEYWORDS`. `listener:` is nil, a server socket or an
     /// Array of them; `tls:` is nil, a Hash (every listener) or, with an
     /// Array `listener:`, an Array of the same length of Hash or nil.
@@ -178,6 +179,7 @@ impl Worker {
             io_threads: config_integer(ruby, config, "io_threads", 1, 64)?.unwrap_or(1) as usize,
             ..ServerOptions::default()
         };
+        server_options.remote_address = super::remote_address::take_keywords(ruby, kwargs.splat)?;
         options::apply_limit_keywords(ruby, kwargs.splat, &mut server_options)?;
         if let Some(h2) = h2 {
             server_options.h2 = h2;
