@@ -6,6 +6,7 @@
 pub mod access_log;
 pub mod body;
 pub mod connection;
+pub mod control;
 pub mod dispatch;
 pub mod error;
 pub mod exchange;
@@ -19,6 +20,7 @@ pub mod interim;
 pub mod limits;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod request;
 pub mod response;
 pub mod server;
