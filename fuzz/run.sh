@@ -12,8 +12,9 @@
 #   fuzz/run.sh [SECONDS]     (default 600)
 #
 # Runs the proptest properties of src/host.rs, src/limits.rs, src/body.rs,
-# src/http2/frame_scanner.rs, src/control/route.rs and src/access_log.rs over and over, each round with a fresh random
-# seed and CASES cases per property, until SECONDS have passed. A failure
+# src/http2/frame_scanner.rs, src/control/route.rs and src/access_log.rs
+# over and over, each round with a fresh random seed and CASES cases per
+# property, until SECONDS have passed. A failure
 # stops the run and proptest prints the minimal failing input (and saves it
 # under proptest-regressions/).
 set -euo pipefail
