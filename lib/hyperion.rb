@@ -5,6 +5,7 @@ require "hyperion/version"
 require "hyperion/errors"
 require "hyperion/null_input"
 require "hyperion/config"
+require "hyperion/stats"
 
 begin
   require "hyperion/hyperion_native"

@@ -24,6 +24,12 @@ module Hyperion
       tls: nil,
       h2: nil,
       early_hints: false, # env["rack.early_hints"] (103 Early Hints), off as in Puma
+      log_requests: false, # one access-log line per request on stdout, off as in Puma
+      log_format: nil, # :text or :json; nil: JSON unless stdout is a terminal
+      drain_delay: 0, # seconds a TERM keeps serving with /ready answering 503
+      control_url: nil, # the control listener (Puma's activate_control_app)
+      control_auth_token: nil,
+      control_url_umask: nil, # permissions of a unix control socket (default 0077)
       # Worker keywords beyond the seed API (limits and timeouts); nil means
       # the server's default.
       limits: {}
