@@ -12,3 +12,5 @@ begin
 rescue LoadError => e
   raise LoadError, "hyperion's native extension is not built (#{e.message}); run `bin/setup` or `rake compile`", cause: nil
 end
+
+require "hyperion/control"

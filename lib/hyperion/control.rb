@@ -28,6 +28,10 @@ module Hyperion
 
       # Raises ConfigError (one line) for a URL or token that cannot work.
       def check
+        unless @umask.nil? || (@umask.is_a?(Integer) && @umask.between?(0, 0o777))
+          raise ConfigError, "control umask must be an Integer such as 0o077, got #{@umask.inspect}"
+        end
+
         bind
         self
       end

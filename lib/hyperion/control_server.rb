@@ -23,7 +23,7 @@ module Hyperion
       @settings = settings
       @responder = responder
       @log = log
-      @connections = 0
+      @clients = {} # the connections being answered
       @lock = Mutex.new
     end
 
@@ -42,10 +42,11 @@ module Hyperion
       @thread&.join(2) || @thread&.kill
     end
 
-    # In a forked worker: drop the inherited socket (its thread did not
-    # survive the fork).
+    # In a forked worker: drop the inherited socket and connections (their
+    # threads did not survive the fork).
     def close_in_child
       @settings.socket.close unless @settings.socket.closed?
+      @clients.each_key { |client| client.close unless client.closed? }
     end
 
     private
@@ -54,7 +55,7 @@ module Hyperion
       loop do
         client = @settings.socket.accept
         client = client.first if client.is_a?(Array) # Socket#accept: [socket, address]
-        if @lock.synchronize { @connections >= MAX_CONNECTIONS ? false : (@connections += 1) }
+        if @lock.synchronize { @clients.size < MAX_CONNECTIONS && (@clients[client] = true) }
           Thread.new(client) { |c| serve(c) }
         else
           client.close
@@ -75,13 +76,26 @@ module Hyperion
                                   else [400, "text/plain", "Bad request", nil]
                                   end
       respond(client, status, type, body, head.start_with?("HEAD "))
-      client.close
+      finish(client)
       after&.call
     rescue StandardError => e
       @log.call("control request failed: #{e.class}: #{e.message}")
     ensure
+      finish(client)
+      @lock.synchronize { @clients.delete(client) }
+    end
+
+    # Ends the connection for the client too: a worker forked while it was
+    # open holds a copy of the descriptor, so closing ours alone would not
+    # send the FIN a client reading to the end (pumactl) waits for.
+    def finish(client)
+      return if client.closed?
+
+      client.shutdown(Socket::SHUT_RDWR)
+    rescue SystemCallError, IOError
+      nil
+    ensure
       client.close unless client.closed?
-      @lock.synchronize { @connections -= 1 }
     end
 
     # The request head, or nil when it does not arrive whole in time.

@@ -173,12 +173,14 @@ module Hyperion
       fail!("activate_control_app: unknown option #{unknown.first.inspect} (use auth_token:, no_token:, umask:)") if unknown.any?
       token = options[:no_token] ? nil : options[:auth_token]
       fail!("activate_control_app: auth_token expects a String, got #{token.inspect}") unless token.nil? || token.is_a?(String)
-      Control::Settings.new(url: url, auth_token: token, umask: options[:umask]).check
+      begin
+        Control::Settings.new(url: url, auth_token: token, umask: options[:umask]).check
+      rescue ConfigError => e
+        fail!(e.message)
+      end
       @config.control_url = url
       @config.control_auth_token = token
       @config.control_url_umask = options[:umask]
-    rescue ConfigError => e
-      fail!(e.message)
     end
 
     def io_threads(count)
