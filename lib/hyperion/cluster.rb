@@ -73,6 +73,7 @@ module Hyperion
     def run
       @signals = SignalQueue.new(SIGNALS)
       @retired_stats = StatsPage.new # the counters of workers that are gone
+      @stats_lock = Mutex.new
       Hyperion.stats_object = self
       @control_server = ControlServer.new(@control, responder: method(:control_answer), log: @log).start if @control
       @children.concat(@old_generation)
@@ -225,9 +226,13 @@ module Hyperion
         child = @children.find { |c| c.pid == pid }
         next unless child
 
-        @children.delete(child)
+        # One step for /metrics (another thread): the worker's counters move
+        # to the totals as it leaves the list, never counted twice or not at all.
+        @stats_lock.synchronize do
+          @children.delete(child)
+          @retired_stats.absorb(child.stats) if child.stats
+        end
         child.reader&.close
-        @retired_stats.absorb(child.stats) if child.stats
         next if child_retired(child)
 
         quick = !child.booted && monotonic - child.started_at < QUICK_DEATH
@@ -416,10 +421,12 @@ module Hyperion
       case name
       when "stats" then [200, "application/json", JSON.generate(stats), nil]
       when "metrics"
-        children = @children.dup
-        pages = children.filter_map(&:stats) + [@retired_stats]
-        text = StatsPage.prometheus(pages, children.count(&:index), children.count { |c| c.index && c.booted },
-                                    @boots, @restarts)
+        text = @stats_lock.synchronize do
+          children = @children.dup
+          pages = children.filter_map(&:stats) + [@retired_stats]
+          StatsPage.prometheus(pages, children.count(&:index), children.count { |c| c.index && c.booted },
+                               @boots, @restarts)
+        end
         [200, "text/plain; version=0.0.4; charset=utf-8", text, nil]
       when "ready"
         ready = !@stopping && @draining_until.nil? && @children.dup.any? { |c| c.index && c.booted && !c.retiring? }

@@ -26,7 +26,8 @@ pub struct Reply {
     pub status: u16,
     pub content_type: String,
     pub body: Vec<u8>,
-    /// Signalled once the response body has been handed to the socket.
+    /// Signalled once the response has been written and its connection
+    /// closed.
     pub written: Option<std::sync::mpsc::SyncSender<()>>,
 }
 

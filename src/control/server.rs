@@ -86,13 +86,19 @@ async fn accept_loop(listener: AsyncListener, shared: Arc<Shared>, settings: Arc
     }
 }
 
+/// Who waits for a connection's responses to be on the wire: a command
+/// that ends the process (`/halt`) must not act before its answer is out.
+type OnClose = Arc<std::sync::Mutex<Vec<std::sync::mpsc::SyncSender<()>>>>;
+
 async fn serve<S>(stream: S, shared: Arc<Shared>, settings: Arc<ControlSettings>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let on_close = OnClose::default();
+    let waiting = on_close.clone();
     let service = service_fn(move |request| {
-        let (shared, settings) = (shared.clone(), settings.clone());
-        async move { Ok::<_, Infallible>(respond(request, &shared, &settings).await) }
+        let (shared, settings, on_close) = (shared.clone(), settings.clone(), on_close.clone());
+        async move { Ok::<_, Infallible>(respond(request, &shared, &settings, &on_close).await) }
     });
     let connection = http1::Builder::new()
         .timer(TokioTimer::new())
@@ -101,12 +107,18 @@ where
     if let Err(e) = connection.await {
         tracing::debug!(error = %e, "control connection ended with an error");
     }
+    // The connection is closed: whatever it answered has been written.
+    let waiting = std::mem::take(&mut *waiting.lock().unwrap_or_else(|p| p.into_inner()));
+    for written in waiting {
+        let _ = written.try_send(());
+    }
 }
 
 async fn respond(
     request: Request<Incoming>,
     shared: &Shared,
     settings: &ControlSettings,
+    on_close: &OnClose,
 ) -> Response<ControlBody> {
     let authorization = request.headers().get(AUTHORIZATION).map(|v| v.as_bytes());
     let endpoint = match route(
@@ -135,12 +147,18 @@ async fn respond(
             answer(200, "application/json", "{\"status\":\"ready\"}")
         }
         Endpoint::Ready => answer(503, "application/json", "{\"status\":\"draining\"}"),
-        endpoint => ask_ruby(endpoint, settings.commands.as_deref()).await,
+        endpoint => ask_ruby(endpoint, settings.commands.as_deref(), on_close).await,
     }
 }
 
 /// Hands an endpoint to the control thread and waits for its answer.
-async fn ask_ruby(endpoint: Endpoint, commands: Option<&CommandQueue>) -> Response<ControlBody> {
+/// A reply that waits to hear when it was written closes its connection,
+/// and is told once the connection is closed (`serve`).
+async fn ask_ruby(
+    endpoint: Endpoint,
+    commands: Option<&CommandQueue>,
+    on_close: &OnClose,
+) -> Response<ControlBody> {
     let Some(commands) = commands else {
         let body = format!(
             "{{ \"error\": \"{} not available\" }}",
@@ -162,7 +180,15 @@ async fn ask_ruby(endpoint: Endpoint, commands: Option<&CommandQueue>) -> Respon
     match tokio::time::timeout(RUBY_TIMEOUT, answered).await {
         Ok(Ok(reply)) => {
             let mut response = answer(reply.status, &reply.content_type, reply.body);
-            response.body_mut().written = reply.written;
+            if let Some(written) = reply.written {
+                on_close
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(written);
+                response
+                    .headers_mut()
+                    .insert(CONNECTION, HeaderValue::from_static("close"));
+            }
             response
         }
         _ => unavailable(),
@@ -172,7 +198,6 @@ async fn ask_ruby(endpoint: Endpoint, commands: Option<&CommandQueue>) -> Respon
 fn answer(status: u16, content_type: &str, body: impl Into<Bytes>) -> Response<ControlBody> {
     let mut response = Response::new(ControlBody {
         data: Some(body.into()),
-        written: None,
     });
     *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
     if let Ok(value) = HeaderValue::from_str(content_type) {
@@ -187,11 +212,9 @@ fn answer(status: u16, content_type: &str, body: impl Into<Bytes>) -> Response<C
     response
 }
 
-/// A whole response body that, when hyper is done with it, tells whoever
-/// waits (the control thread, before it runs `/halt`).
+/// A whole response body.
 pub struct ControlBody {
     data: Option<Bytes>,
-    written: Option<std::sync::mpsc::SyncSender<()>>,
 }
 
 impl Body for ControlBody {
@@ -211,14 +234,6 @@ impl Body for ControlBody {
 
     fn size_hint(&self) -> SizeHint {
         SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
-    }
-}
-
-impl Drop for ControlBody {
-    fn drop(&mut self) {
-        if let Some(written) = self.written.take() {
-            let _ = written.try_send(());
-        }
     }
 }
 
