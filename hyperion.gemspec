@@ -15,11 +15,11 @@ Gem::Specification.new do |spec|
 
   # Only what building and running needs: no cargo target/, no specs.
   spec.files = Dir[
-    "lib/**/*.rb", "src/**/*.rs", "ext/hyperion/*.rb", "bin/hyperion",
+    "lib/**/*.rb", "src/**/*.rs", "ext/hyperion/*.rb", "bin/hyperion", "bin/hyperionctl",
     "Cargo.toml", "Cargo.lock", "README.md", "docs/**/*.md", "LICENSE"
   ]
   spec.bindir = "bin"
-  spec.executables = ["hyperion"]
+  spec.executables = ["hyperion", "hyperionctl"]
   spec.require_paths = ["lib"]
   spec.extensions = ["ext/hyperion/extconf.rb"]
 

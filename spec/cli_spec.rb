@@ -60,6 +60,18 @@ RSpec.describe "bin/hyperion" do
                                           /\Ahyperion: invalid argument: --max-connections many/],
     "a bad --proxy-protocol" => [["--proxy-protocol", "v3", "examples/hello.ru"],
                                  /\Ahyperion: invalid argument: --proxy-protocol v3 \(see hyperion --help\)\n\z/],
+    "a bad --log-format" => [["--log-format", "xml", "examples/hello.ru"], /\Ahyperion: invalid argument: --log-format xml \(see hyperion --help\)\n\z/],
+    "a negative --drain-delay" => [["--drain-delay", "-1", "examples/hello.ru"],
+                                   /\Ahyperion: --drain-delay must be 0 or more seconds, got -1\.0\n\z/],
+    "a non-numeric --drain-delay" => [["--drain-delay", "soon", "examples/hello.ru"],
+                                      /\Ahyperion: invalid argument: --drain-delay soon \(see hyperion --help\)\n\z/],
+    "a bad --control-url" => [["--control-url", "ftp://x:1", "examples/hello.ru"],
+                              %r{\Ahyperion: bind ftp://x:1: unknown scheme "ftp"}],
+    "a ssl:// --control-url" => [["--control-url", "ssl://127.0.0.1:0", "--control-token", "t", "examples/hello.ru"],
+                                 %r{\Ahyperion: control URL ssl://127\.0\.0\.1:0: use unix:///path or tcp://HOST:PORT\n\z}],
+    "a TCP --control-url without --control-token" =>
+      [["--control-url", "tcp://127.0.0.1:0", "examples/hello.ru"],
+       %r{\Ahyperion: control URL tcp://127\.0\.0\.1:0: a TCP control listener needs a token}],
     "a rackup with a syntax error" => [[File.join(ServerHelpers::FIXTURES, "syntax_error.ru")],
                                        /\Ahyperion: could not load .*syntax_error\.ru: SyntaxError/]
   }.each do |problem, (args, message)|

@@ -122,6 +122,18 @@ RSpec.describe "the config file" do
     "a bad set_remote_address" => ["set_remote_address :peer\n", %r{\Ahyperion: config/hyperion\.rb:1: set_remote_address expects :socket, :localhost, a String, header: "X-Real-IP" or proxy_protocol: :v1 or :v2, got :peer\n\z}],
     "a bad PROXY protocol version" => ["set_remote_address proxy_protocol: :v3\n", %r{\Ahyperion: config/hyperion\.rb:1: set_remote_address proxy_protocol: expects :v1 or :v2, got :v3\n\z}],
     "a bad remote address header" => ["port 0\nset_remote_address header: 'X Real IP'\n", %r{\Ahyperion: config/hyperion\.rb:2: set_remote_address header: "X Real IP" is not a header name\n\z}],
+    "a bad log_requests" => ["log_requests 'yes'\n", %r{\Ahyperion: config/hyperion\.rb:1: log_requests expects true or false, got "yes"}],
+    "a bad log_format" => ["log_format :xml\n", %r{\Ahyperion: config/hyperion\.rb:1: log_format expects :text or :json, got :xml}],
+    "a bad drain_delay" => ["drain_delay -1\n", %r{\Ahyperion: config/hyperion\.rb:1: drain_delay expects a number of seconds, 0 or more, got -1}],
+    "a TCP control app without a token" =>
+      ["activate_control_app 'tcp://127.0.0.1:9293'\n",
+       %r{\Ahyperion: config/hyperion\.rb:1: control URL tcp://127\.0\.0\.1:9293: a TCP control listener needs a token}],
+    "a bad control app umask" => ["activate_control_app 'unix:///tmp/c.sock', { umask: '077' }\n",
+                                  %r{\Ahyperion: config/hyperion\.rb:1: control umask must be an Integer such as 0o077, got "077"}],
+    "a control app without a URL" => ["activate_control_app\n", %r{\Ahyperion: config/hyperion\.rb:1: activate_control_app needs a URL}],
+    "an unknown control app option" =>
+      ["activate_control_app 'unix:///tmp/c.sock', { token: 'x' }\n",
+       %r{\Ahyperion: config/hyperion\.rb:1: activate_control_app: unknown option :token \(use auth_token:, no_token:, umask:\)}],
     "a bad unix umask" => ["bind 'unix:///tmp/x.sock?umask=999'\n", %r{\Ahyperion: config/hyperion\.rb:1: bind unix:///tmp/x\.sock\?umask=999: umask must be octal}]
   }.each do |problem, (text, message)|
     it "stops boot with the file, line and a hint for #{problem}" do

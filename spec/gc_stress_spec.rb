@@ -89,6 +89,50 @@ RSpec.describe "serving under GC.stress", :gc_stress, timeout: 300 do
     expect(calls).to eq([[:boot, 0], [:shutdown, 0]])
   end
 
+  # The control listener's socket and handler are held by Rust (marked by
+  # the Worker); the handler runs on the control thread; stats pages are
+  # Rust objects owned by Ruby ones.
+  it "keeps the control listener's socket and handler alive and answers /stats and /gc-stats" do
+    dir = Dir.mktmpdir("hyperion-gc-control")
+    paths = Array.new(3) { |i| File.join(dir, "c#{i}.sock") }
+    sockets = paths.map { |path| UNIXServer.new(path) }
+    listeners = Array.new(3) { TCPServer.new("127.0.0.1", 0) }
+    pages = Array.new(3) { Hyperion::StatsPage.new }
+    spec = self
+    app = ->(_env) { [200, {}, ["served"]] }
+    workers = gc_stress(compact_every_gc: true) do
+      listeners.each_with_index.map do |listener, i|
+        handler = lambda do |name|
+          spec.compact_here
+          [200, JSON.generate({ "answered" => name.dup }), nil]
+        end
+        Hyperion::Worker.new(host: "127.0.0.1", port: 0, app: app, read_timeout: spec_read_timeout,
+                             listener: listener, log_format: "json".b, stats: pages[i],
+                             control: { "listener" => sockets[i], auth_token: nil, "handler" => handler })
+      end
+    end
+    GC.start
+    runner = Thread.new { workers.last.run }
+    runner.report_on_exception = false
+    port = listeners.last.local_address.ip_port
+    control = "unix://#{paths.last}"
+    wait_until(60) { control_get(control, "/ready")[0] == 200 }
+    expect(curl_get("http://127.0.0.1:#{port}/")).to eq("served")
+    gc_stress do
+      expect(control_get(control, "/gc-stats")[0, 2]).to eq([200, '{"answered":"gc-stats"}'])
+      expect(JSON.parse(control_get(control, "/stats")[1])).to include("requests_count" => 1)
+      text = Hyperion::StatsPage.prometheus(pages, 3, 1, 1, 0)
+      expect(text).to include('hyperion_requests_total{status_class="2xx"} 1')
+      expect(pages.last.status).to include(requests_count: 1, max_threads: 5)
+      pages.first.absorb(pages.last)
+      expect(pages.first.status[:requests_count]).to eq(1)
+    end
+  ensure
+    workers&.last&.stop
+    runner&.join(30)
+    (Array(listeners) + Array(sockets)).each { |l| l.close unless l.closed? }
+  end
+
   # Worker.new converts option Hashes while Ruby may move their values
   # (compaction): binary (non-UTF-8) Strings make the conversion allocate.
   it "builds Workers from tls: and h2_settings: Hashes of binary Strings and serves TLS with one" do

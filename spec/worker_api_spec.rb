@@ -36,11 +36,32 @@ RSpec.describe Hyperion::Worker do
       listener: ["fd", TypeError, /listener: expected a TCPServer or UNIXServer/],
       async_io: ["yes", TypeError, /async_io/],
       tls: [{ cert: "c.pem" }, ArgumentError, /tls: :key is missing/],
-      h2_settings: [{ max_frame_size: 10 }, ArgumentError, /h2_settings: max_frame_size must be between 16384/]
+      h2_settings: [{ max_frame_size: 10 }, ArgumentError, /h2_settings: max_frame_size must be between 16384/],
+      log_requests: ["yes", TypeError, /log_requests: expected true, false or nil/],
+      log_format: [:xml, ArgumentError, /log_format: must be :text or :json, got "xml"/],
+      drain_delay: [-1, ArgumentError, /drain_delay: must be a number of seconds, 0 or more/],
+      control: [{ auth_token: "t" }, ArgumentError, /control: :listener is missing/],
+      stats: ["page", TypeError, /stats: expected a Hyperion::StatsPage, got String/]
     }.each do |key, (value, error, message)|
       it "rejects a bad #{key} with #{error} naming the key" do
         expect { described_class.new(**required, key => value) }.to raise_error(error, message)
       end
+    end
+
+    it "refuses a TCP control listener without a token, and unknown control keys" do
+      tcp = TCPServer.new("127.0.0.1", 0)
+      expect { described_class.new(**required, control: { listener: tcp }) }
+        .to raise_error(ArgumentError, /control: a TCP control listener needs auth_token:/)
+      expect { described_class.new(**required, control: { listener: tcp, auth_token: "" }) }
+        .to raise_error(ArgumentError, /needs auth_token:/)
+      expect { described_class.new(**required, control: { listener: tcp, auth_token: "t", tokn: 1 }) }
+        .to raise_error(ArgumentError, /control: unknown key :tokn/)
+      expect { described_class.new(**required, control: { listener: tcp, auth_token: "t", handler: 5 }) }
+        .to raise_error(TypeError, /control: handler: expected an object that responds to #call/)
+      expect { described_class.new(**required, control: { listener: tcp, auth_token: "t" }, log_format: "json") }
+        .not_to raise_error
+    ensure
+      tcp&.close
     end
 
     it "rejects an unknown tls or h2 setting by name" do

@@ -36,6 +36,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use crate::stats::StatsPage;
+
 /// What a blocking pop ended with.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Pop<T> {
@@ -106,7 +108,8 @@ struct Slot {
 }
 
 struct State<T> {
-    jobs: VecDeque<T>,
+    /// Each job with when it was queued.
+    jobs: VecDeque<(T, Instant)>,
     closed: bool,
     /// Jobs handed to consumers so far (the worker's liveness check watches it).
     taken: u64,
@@ -115,7 +118,11 @@ struct State<T> {
     idle: Vec<usize>,
     running: usize,
     woken: usize,
+    /// Registered consumers (app threads alive).
+    live: usize,
     watchdog_asleep: bool,
+    /// Where the pool's gauges and the time jobs waited are published.
+    stats: Arc<StatsPage>,
 }
 
 pub struct Dispatcher<T> {
@@ -133,7 +140,15 @@ pub struct Consumer<'d, T> {
 }
 
 impl<T> Dispatcher<T> {
+    /// A dispatcher publishing to a private stats page of its own.
     pub fn new(max_pending: Option<usize>, policy: Policy) -> Self {
+        let stats = StatsPage::new(false).expect("mapping one page for the dispatcher's stats");
+        Self::with_stats(max_pending, policy, Arc::new(stats))
+    }
+
+    /// A dispatcher that publishes its gauges (queued jobs, threads on a job,
+    /// threads alive, jobs taken) and each job's time in the queue to `stats`.
+    pub fn with_stats(max_pending: Option<usize>, policy: Policy, stats: Arc<StatsPage>) -> Self {
         Self {
             state: Mutex::new(State {
                 jobs: VecDeque::new(),
@@ -143,7 +158,9 @@ impl<T> Dispatcher<T> {
                 idle: Vec::new(),
                 running: 0,
                 woken: 0,
+                live: 0,
                 watchdog_asleep: false,
+                stats,
             }),
             watchdog: Condvar::new(),
             max_pending,
@@ -184,6 +201,8 @@ impl<T> Dispatcher<T> {
             }
         };
         state.running += 1;
+        state.live += 1;
+        publish(&state);
         Consumer {
             dispatcher: self,
             index,
@@ -199,7 +218,7 @@ impl<T> Dispatcher<T> {
         if self.max_pending.is_some_and(|max| state.jobs.len() >= max) {
             return Err(PushError::Full(job));
         }
-        state.jobs.push_back(job);
+        state.jobs.push_back((job, Instant::now()));
         if state.running == 0 && state.woken == 0 {
             wake_idle(&mut state);
         } else if state.watchdog_asleep && !state.idle.is_empty() {
@@ -209,6 +228,7 @@ impl<T> Dispatcher<T> {
             state.watchdog_asleep = false;
             self.watchdog.notify_one();
         }
+        publish(&state);
         Ok(())
     }
 
@@ -216,8 +236,7 @@ impl<T> Dispatcher<T> {
     /// thread that just finished a job, still holding the GVL).
     pub fn try_pop(&self, consumer: &Consumer<'_, T>) -> Option<T> {
         let mut state = self.lock();
-        let job = state.jobs.pop_front()?;
-        state.taken += 1;
+        let job = take_job(&mut state)?;
         set_phase(
             &mut state,
             consumer.index,
@@ -235,8 +254,7 @@ impl<T> Dispatcher<T> {
         let index = consumer.index;
         let mut state = self.lock();
         loop {
-            if let Some(job) = state.jobs.pop_front() {
-                state.taken += 1;
+            if let Some(job) = take_job(&mut state) {
                 set_phase(
                     &mut state,
                     index,
@@ -288,7 +306,10 @@ impl<T> Dispatcher<T> {
 
     /// Removes and returns every job still queued.
     pub fn drain(&self) -> Vec<T> {
-        self.lock().jobs.drain(..).collect()
+        let mut state = self.lock();
+        let jobs = state.jobs.drain(..).map(|(job, _)| job).collect();
+        publish(&state);
+        jobs
     }
 
     pub fn len(&self) -> usize {
@@ -387,6 +408,24 @@ impl<T> Dispatcher<T> {
     }
 }
 
+/// Takes the oldest job, counting it and its time in the queue.
+fn take_job<T>(state: &mut State<T>) -> Option<T> {
+    let (job, queued_at) = state.jobs.pop_front()?;
+    state.taken += 1;
+    state.stats.queue_wait.observe(queued_at.elapsed());
+    Some(job)
+}
+
+/// Publishes the pool's gauges (see `crate::stats`): a few relaxed stores.
+fn publish<T>(state: &State<T>) {
+    state.stats.set_pool(
+        state.live,
+        state.running + state.woken,
+        state.jobs.len(),
+        state.taken,
+    );
+}
+
 /// Wakes the idle consumer that went idle last.
 fn wake_idle<T>(state: &mut State<T>) {
     if let Some(index) = state.idle.pop() {
@@ -415,6 +454,7 @@ fn set_phase<T>(state: &mut State<T>, index: usize, phase: Phase) {
     if !matches!(phase, Phase::Running { .. }) {
         slot.sampled = None;
     }
+    publish(state);
 }
 
 impl<T> Drop for Consumer<'_, T> {
@@ -422,6 +462,8 @@ impl<T> Drop for Consumer<'_, T> {
         let mut state = self.dispatcher.lock();
         set_phase(&mut state, self.index, Phase::Away);
         state.slots[self.index].live = false;
+        state.live -= 1;
+        publish(&state);
         // A job this consumer was woken for must not wait for it.
         if !state.jobs.is_empty() && state.running == 0 && state.woken == 0 {
             wake_idle(&mut state);
@@ -506,6 +548,35 @@ mod tests {
         assert_eq!(queue.try_pop(&consumer), Some("a"));
         queue.push("c").unwrap();
         assert_eq!(queue.progress(), (1, 1));
+    }
+
+    #[test]
+    fn the_pool_gauges_and_queue_waits_are_published_to_the_stats_page() {
+        let stats = Arc::new(StatsPage::new(false).unwrap());
+        let queue = Dispatcher::with_stats(None, Policy::default(), stats.clone());
+        let consumer = queue.consumer();
+        queue.push(1).unwrap();
+        queue.push(2).unwrap();
+        let seen = stats.snapshot();
+        assert_eq!(
+            (
+                seen.app_threads,
+                seen.on_job,
+                seen.backlog,
+                seen.requests_taken
+            ),
+            (1, 1, 2, 0)
+        );
+        thread::sleep(Duration::from_millis(3));
+        assert_eq!(queue.try_pop(&consumer), Some(1));
+        let seen = stats.snapshot();
+        assert_eq!((seen.backlog, seen.requests_taken), (1, 1));
+        assert_eq!(seen.queue_wait.count, 1);
+        assert!(seen.queue_wait.sum_micros >= 3_000, "{seen:?}");
+        drop(consumer);
+        assert_eq!(stats.snapshot().app_threads, 0);
+        assert_eq!(queue.drain(), vec![2]);
+        assert_eq!(stats.snapshot().backlog, 0);
     }
 
     #[test]

@@ -3,10 +3,13 @@
 //! `cargo test` exercises without a Ruby VM; `ruby/` is the thin magnus layer
 //! that exposes `Hyperion::Worker` (built with `--features ruby`).
 
+pub mod access_log;
 pub mod body;
 pub mod connection;
+pub mod control;
 pub mod dispatch;
 pub mod error;
+pub mod exchange;
 pub mod file_body;
 pub mod fork_safe;
 pub mod h2_settings;
@@ -17,14 +20,17 @@ pub mod interim;
 pub mod limits;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod proxy_protocol;
 pub mod remote_address;
 pub mod request;
 pub mod response;
 pub mod server;
 pub mod session;
+pub mod stats;
 pub mod stop;
 pub mod tls;
+pub mod utc_time;
 pub mod wait;
 
 #[cfg(feature = "ruby")]

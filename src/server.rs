@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::io;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -28,6 +28,7 @@ use crate::connection::{
 };
 use crate::dispatch::{Dispatcher, Policy, PushError};
 use crate::error::Error;
+use crate::exchange::{AccessLog, Exchange};
 use crate::h2_settings::H2Settings;
 use crate::health::Health;
 use crate::http2::H2Session;
@@ -39,6 +40,7 @@ use crate::remote_address::RemoteAddress;
 use crate::request::{Job, RequestData, ServerInfo};
 use crate::response::{plain_response, ResponseBody};
 use crate::session::{http1_starter, sniff, Protocol, TrackedBody};
+use crate::stats::StatsPage;
 use crate::stop::StopSignal;
 use http_body::Body;
 use std::future::Future;
@@ -81,6 +83,8 @@ pub struct ServerOptions {
     /// Where REMOTE_ADDR comes from; with the PROXY protocol, every
     /// connection must open with its header.
     pub remote_address: RemoteAddress,
+    /// One access-log line per response (`crate::exchange`); None: off.
+    pub access_log: Option<AccessLog>,
 }
 
 impl Default for ServerOptions {
@@ -99,6 +103,7 @@ impl Default for ServerOptions {
             max_connections: None,
             early_hints: false,
             remote_address: RemoteAddress::Socket,
+            access_log: None,
         }
     }
 }
@@ -110,16 +115,40 @@ pub struct Shared {
     pub stop: StopSignal,
     pub options: ServerOptions,
     pub health: Health,
+    /// The worker's counters (`crate::stats`), read by `/stats` and `/metrics`.
+    pub stats: Arc<StatsPage>,
+    /// A stop was asked for and `drain_delay` runs: the worker still serves,
+    /// but the control listener's `/ready` already answers 503.
+    pub draining: AtomicBool,
 }
 
 impl Shared {
     pub fn new(options: ServerOptions, max_pending: Option<usize>) -> Arc<Self> {
+        let stats = StatsPage::new(false).expect("mapping one page for the worker's stats");
+        Self::with_stats(options, max_pending, Arc::new(stats))
+    }
+
+    /// Shared state whose counters live in `stats` (a page the cluster
+    /// master can read).
+    pub fn with_stats(
+        options: ServerOptions,
+        max_pending: Option<usize>,
+        stats: Arc<StatsPage>,
+    ) -> Arc<Self> {
         Arc::new(Self {
-            queue: Dispatcher::new(max_pending, Policy::default()),
+            queue: Dispatcher::with_stats(max_pending, Policy::default(), stats.clone()),
             stop: StopSignal::default(),
             options,
             health: Health::default(),
+            stats,
+            draining: AtomicBool::new(false),
         })
+    }
+
+    /// Whether a load balancer should send this worker new requests: false
+    /// from the moment a stop is asked for (`drain_delay` included).
+    pub fn is_ready(&self) -> bool {
+        !self.draining.load(Ordering::Acquire) && !self.stop.is_stopped()
     }
 }
 
@@ -481,7 +510,9 @@ impl ConnectionContext {
                 .saturating_add(1)
                 >= max
         });
-        let deadline = self.activity.request_started() + options.max_request_read;
+        let started = self.activity.request_started();
+        let deadline = started + options.max_request_read;
+        let mut exchange = self.exchange(&request, started);
         let (early_hints, hints) = match &self.interim {
             None => (None, None),
             Some(_) if request.version() < http::Version::HTTP_11 => {
@@ -506,9 +537,26 @@ impl ConnectionContext {
                     http::HeaderValue::from_static("close"),
                 );
             }
+            exchange.responded(&response);
             let activity = context.activity.clone();
-            Ok(response.map(|body| TrackedBody { body, activity }))
+            Ok(response.map(|body| TrackedBody {
+                body,
+                activity,
+                exchange,
+            }))
         }
+    }
+
+    /// Starts recording a request for the stats and the access log.
+    fn exchange<B>(&self, request: &Request<B>, started: Instant) -> Exchange {
+        let shared = &self.shared;
+        Exchange::begin(
+            &shared.stats,
+            shared.options.access_log,
+            request,
+            &self.peer.remote_addr,
+            started,
+        )
     }
 }
 
@@ -543,6 +591,10 @@ async fn serve_connection<S>(
     };
     let io = WatchedIo::with_prefix(stream, activity.clone(), prefix);
     let stop = &shared.stop;
+    let _open = shared.stats.connection_opened(match protocol {
+        Protocol::Http1 => 0,
+        Protocol::Http2 => 1,
+    });
     match protocol {
         Protocol::Http1 => {
             let interim = context.interim.clone();
@@ -555,8 +607,13 @@ async fn serve_connection<S>(
                 let context = context.clone();
                 let respond = move |request, head_started: Instant, early_hints| {
                     let deadline = head_started + context.shared.options.max_request_read;
+                    let exchange = context.exchange(&request, head_started);
                     let context = context.clone();
-                    async move { handle_request(request, deadline, &context, early_hints).await }
+                    async move {
+                        let response =
+                            handle_request(request, deadline, &context, early_hints).await;
+                        (response, exchange)
+                    }
                 };
                 H2Session::new(io, options, activity.clone(), respond)
             };

@@ -17,6 +17,7 @@ use hyper_util::rt::TokioTimer;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 
 use crate::connection::{Activity, Session, SessionResult, WatchedIo};
+use crate::exchange::Exchange;
 use crate::interim::{InterimIo, InterimQueue};
 use crate::response::{ResponseBody, StreamAborted};
 use crate::server::ServerOptions;
@@ -124,10 +125,11 @@ where
 }
 
 /// A response body that tells the connection when hyper is done with it, so
-/// the idle timer starts then.
+/// the idle timer starts then; its exchange (stats, access log) ends then too.
 pub struct TrackedBody {
     pub body: ResponseBody,
     pub activity: Arc<Activity>,
+    pub exchange: Exchange,
 }
 
 impl Drop for TrackedBody {
@@ -144,7 +146,14 @@ impl Body for TrackedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, StreamAborted>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let polled = Pin::new(&mut self.body).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                let sent = data.len();
+                self.exchange.sent(sent);
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {

@@ -11,6 +11,8 @@ require "hyperion/single"
 require "hyperion/listeners"
 require "hyperion/log_files"
 require "hyperion/restarter"
+require "hyperion/control"
+require "hyperion/ctl"
 
 module Hyperion
   # `hyperion [options] [config.ru]`: parses options, reads config/hyperion.rb
@@ -50,6 +52,8 @@ module Hyperion
 
     # Returns the process exit status.
     def run
+      return Ctl.new(@argv.drop(1), out: @out, err: @err).run if @argv.first == "ctl"
+
       Restarter.ignore_boot_signals
       flags = parse
       return 0 if flags[:exit]
@@ -57,6 +61,7 @@ module Hyperion
       config = configure(flags)
       LogFiles.open(config.stdout_redirect)
       binds = resolve_binds(config, flags)
+      control = control_settings(config)
       check_worker_settings(config)
       reuseport = config.workers > 1 && worker_model(config) == :reuseport
       app = load_rackup(flags[:rackup]) if config.workers == 1 || config.preload_app || flags[:check]
@@ -64,13 +69,16 @@ module Hyperion
       return 0 if flags[:check]
 
       listeners = Listeners.setup(binds, reuseport: reuseport)
+      control&.open
       write_pidfile(config.pidfile)
       watchdog = Systemd.start_watchdog
       runner_class = config.workers > 1 ? Cluster : Single
       announce(config, listeners, cluster: runner_class == Cluster)
-      build = ->(index, sockets) { build_worker(config, listeners, sockets, app || load_rackup(flags[:rackup]), index) }
+      build = lambda do |index, sockets, extras = {}|
+        build_worker(config, listeners, sockets, app || load_rackup(flags[:rackup]), index, extras)
+      end
       runner_class.new(config: config, listeners: listeners, build_worker: build, restarter: @restarter,
-                       log: method(:log)).run
+                       log: method(:log), control: control).run
     rescue OptionParser::ParseError => e
       fail_with "#{e.message} (see hyperion --help)"
     rescue Hyperion::Error => e
@@ -78,6 +86,7 @@ module Hyperion
     ensure
       watchdog&.kill
       listeners&.close
+      control&.close
       File.delete(config.pidfile) if config&.pidfile && File.exist?(config.pidfile)
     end
 
@@ -92,6 +101,7 @@ module Hyperion
       config.limits = config.limits.merge(flags[:limits])
       config.tls = (config.tls || {}).merge(flags[:tls]) if flags[:tls].any?
       config.stdout_redirect = flags[:redirect] if flags[:redirect][0] || flags[:redirect][1]
+      config.control_auth_token = flags[:control_token] if flags[:control_token]
       ENV["RACK_ENV"] = config.environment if config.environment
       config
     end
@@ -125,6 +135,14 @@ module Hyperion
       tls
     end
 
+    # The control listener's settings, checked now (one line on a mistake).
+    def control_settings(config)
+      return nil unless config.control_url
+
+      Control::Settings.new(url: config.control_url, auth_token: config.control_auth_token,
+                            umask: config.control_url_umask).check
+    end
+
     def worker_model(config)
       model = (ENV["HYPERION_WORKER_MODEL"] || config.worker_model || :reuseport).to_sym
       return model if %i[reuseport share].include?(model)
@@ -142,12 +160,20 @@ module Hyperion
     def check_worker_settings(config)
       Worker.new(host: "127.0.0.1", port: 0, app: ->(_env) {}, read_timeout: config.read_timeout,
                  thread_count: config.threads, config: config, h2_settings: config.h2,
-                 early_hints: config.early_hints, remote_address: config.remote_address, **config.limits)
+                 early_hints: config.early_hints, remote_address: config.remote_address, **logging(config),
+                 drain_delay: config.drain_delay, **config.limits)
     rescue ArgumentError, TypeError => e
       raise ConfigError, flag_message(e)
     end
 
-    def build_worker(config, listeners, sockets, app, index)
+    # Access-log keywords of Worker.new.
+    def logging(config)
+      { log_requests: config.log_requests, log_format: config.log_format }
+    end
+
+    # extras: Worker keywords the runner adds (control:, drain_delay: for a
+    # single process; stats: for a cluster's worker).
+    def build_worker(config, listeners, sockets, app, index, extras = {})
       address = sockets.first.local_address
       tls = sockets.each_index.map { |i| listeners.tls_at(i) }
       tls = if tls.none? then nil
@@ -158,7 +184,7 @@ module Hyperion
                  app: app, read_timeout: config.read_timeout, thread_count: config.threads, config: config,
                  listener: sockets.size == 1 ? sockets.first : sockets, tls: tls,
                  h2_settings: config.h2, early_hints: config.early_hints, remote_address: config.remote_address,
-                 worker_index: index, **config.limits)
+                 worker_index: index, **logging(config), **extras, **config.limits)
     rescue ArgumentError, TypeError => e
       raise ConfigError, flag_message(e)
     end
@@ -229,6 +255,19 @@ module Hyperion
                                                     "(v1 or v2); REMOTE_ADDR comes from it (default off)") do |v|
           flags[:settings][:remote_address] = { proxy_protocol: v.to_sym }
         end
+        o.on("--[no-]log-requests", "One access-log line per request on stdout (default off)") do |v|
+          flags[:settings][:log_requests] = v
+        end
+        o.on("--log-format FORMAT", %w[text json], "Access log as text or json (default: json unless stdout " \
+                                                   "is a terminal)") do |v|
+          flags[:settings][:log_format] = v.to_sym
+        end
+        o.on("--drain-delay SECONDS", Float, "On TERM, keep serving this long while /ready answers 503, " \
+                                             "then stop (default 0)") do |v|
+          raise ConfigError, "--drain-delay must be 0 or more seconds, got #{v}" if v.negative?
+
+          flags[:settings][:drain_delay] = v
+        end
         o.on("--redirect-stdout PATH", "Append stdout to this file; HUP reopens it") do |v|
           flags[:redirect][0] = v
         end
@@ -262,6 +301,15 @@ module Hyperion
         end
         LIMIT_FLAGS.each do |flag, keyword, type, help|
           o.on(flag, type, help) { |v| flags[:limits][keyword] = v }
+        end
+        o.separator ""
+        o.separator "Control listener (see also `hyperion ctl --help`):"
+        o.on("--control-url URL", "Serve /stats, /metrics, /ready and Puma's commands on unix:///path or " \
+                                  "tcp://HOST:PORT") do |v|
+          flags[:settings][:control_url] = v
+        end
+        o.on("--control-token TOKEN", "The control listener's token (needed on tcp://)") do |v|
+          flags[:control_token] = v
         end
         o.separator ""
         o.on("--check", "Load the config file and the app, then exit (USR2 runs this first)") { flags[:check] = true }

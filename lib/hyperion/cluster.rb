@@ -1,9 +1,11 @@
 # frozen_string_literal: true
 
+require "time"
 require "hyperion/signal_queue"
 require "hyperion/worker_monitor"
 require "hyperion/log_files"
 require "hyperion/systemd"
+require "hyperion/control_server"
 
 module Hyperion
   # The master of `workers N` (N > 1). It forks workers from Ruby (no tokio
@@ -14,6 +16,12 @@ module Hyperion
   # The master holds every listening socket (see Listeners) for its whole
   # life, so a worker that stops, dies or is replaced leaves its queued
   # connections to the next worker of its slot instead of resetting them.
+  #
+  # The master never creates a Worker or a tokio runtime: forking a process
+  # whose runtime threads hold locks is unsafe. Its stats come from one
+  # StatsPage per worker, a page of shared memory mapped here before the
+  # fork, which the worker writes and the master reads; the control listener
+  # (when configured) is a Ruby thread of the master (ControlServer).
   class Cluster
     SIGNALS = %w[TERM INT TTIN TTOU USR1 USR2 HUP CHLD].freeze
     # A worker that dies sooner than this after its start counts as a crash
@@ -28,54 +36,88 @@ module Hyperion
     STOP_SLACK = 5
 
     # One forked worker. `index` is nil for a worker inherited from the
-    # image before a hot restart.
-    Child = Struct.new(:index, :pid, :started_at, :reader, :last_seen, :booted, :retired_at, keyword_init: true) do
+    # image before a hot restart (it has no stats page here). `stats` is its
+    # StatsPage; `phase` counts phased restarts, as Puma's does.
+    Child = Struct.new(:index, :pid, :started_at, :reader, :last_seen, :booted, :retired_at, :stats, :phase,
+                       :started_wall, :last_checkin, keyword_init: true) do
       def retiring? = !retired_at.nil?
     end
 
-    # build_worker: ->(index, sockets) { Hyperion::Worker }, called in the
-    # child. restarter: a Restarter, for USR2.
-    def initialize(config:, listeners:, build_worker:, restarter:, log:, env: ENV)
+    # build_worker: ->(index, sockets, extras) { Hyperion::Worker }, called
+    # in the child. restarter: a Restarter, for USR2. control: opened
+    # Control::Settings, or nil.
+    def initialize(config:, listeners:, build_worker:, restarter:, log:, control: nil, env: ENV)
       @config = config
       @listeners = listeners
       @build_worker = build_worker
       @restarter = restarter
       @log = log
+      @control = control
       @children = []
       @quick_deaths = 0
       @phased = [] # slot indices still to replace in a phased restart
       @replacing = {} # slot index => the Child being replaced
       @booted_once = false
+      @phase = 0
+      @boots = 0
+      @restarts = 0
+      @draining_until = nil # drain_delay: when the TERM's delay ends
+      @started_wall = Time.now
       @old_generation = env.delete(OLD_WORKERS_ENV).to_s.split(",").map do |pid|
-        Child.new(pid: Integer(pid), started_at: monotonic, last_seen: monotonic, booted: true)
+        Child.new(pid: Integer(pid), started_at: monotonic, last_seen: monotonic, booted: true, phase: -1,
+                  started_wall: Time.now, last_checkin: Time.now)
       end
     end
 
     # Returns the exit status.
     def run
       @signals = SignalQueue.new(SIGNALS)
+      @retired_stats = StatsPage.new # the counters of workers that are gone
+      @stats_lock = Mutex.new
+      Hyperion.stats_object = self
+      @control_server = ControlServer.new(@control, responder: method(:control_answer), log: @log).start if @control
       @children.concat(@old_generation)
       run_hooks(:before_fork)
       @config.workers.times { |index| spawn_worker(index) }
       supervise
     ensure
+      @control_server&.stop
       @signals&.close
+    end
+
+    # Puma's cluster stats (Puma.stats_hash in the master).
+    def stats
+      children = @children.dup
+      {
+        started_at: @started_wall.utc.iso8601,
+        workers: children.size,
+        phase: @phase,
+        booted_workers: children.count(&:booted),
+        old_workers: children.count { |c| c.index.nil? || c.retiring? || c.phase != @phase },
+        worker_status: children.map do |c|
+          { started_at: c.started_wall.utc.iso8601, pid: c.pid, index: c.index, phase: c.phase, booted: c.booted,
+            last_checkin: c.last_checkin.utc.iso8601, last_status: c.booted && c.stats ? c.stats.status : {} }
+        end
+      }
     end
 
     private
 
     def supervise
       loop do
-        names, ready = @signals.wait(1, @children.filter_map(&:reader))
+        names, ready = @signals.wait(wait_timeout, @children.filter_map(&:reader))
         read_heartbeats(ready)
         return 1 unless reap
+        return stop_all if @draining_until && monotonic >= @draining_until
 
         announce_booted
         check_health
         advance_phased_restart
         names.each do |name|
           case name
-          when "TERM", "INT" then return stop_all
+          when "TERM" then return stop_all unless begin_drain_delay
+          when "INT" then return stop_all
+          when "HALT" then return halt_all
           when "USR2" then hot_restart
           when "USR1" then start_phased_restart
           when "TTIN" then spawn_worker(next_index)
@@ -86,22 +128,46 @@ module Hyperion
       end
     end
 
-    def spawn_worker(index)
+    def wait_timeout
+      return 1 unless @draining_until
+
+      (@draining_until - monotonic).clamp(0, 1)
+    end
+
+    # drain_delay: the first TERM keeps the workers serving while /ready
+    # answers 503; the stop follows when the delay ends. False when there
+    # is no delay, or this is a second TERM (then stop at once).
+    def begin_drain_delay
+      delay = Float(@config.drain_delay || 0)
+      return false if delay <= 0 || @draining_until
+
+      Systemd.notify("STOPPING=1")
+      @log.call("stop requested: serving #{delay} s more (drain_delay) while /ready answers 503")
+      @draining_until = monotonic + delay
+      true
+    end
+
+    def spawn_worker(index, replacing: false)
       # Made here, before the fork, so the master holds the slot's sockets:
-      # one opened in the child would die with it, queue and all.
+      # one opened in the child would die with it, queue and all. The stats
+      # page too: it is the memory the master and the worker share.
       sockets = @listeners.slot(index)
+      page = StatsPage.new
       reader, writer = IO.pipe
       master = Process.pid
       pid = Process.fork do
         @signals.close
+        @control_server&.close_in_child
         @children.each { |child| child.reader&.close }
         reader.close
         @listeners.keep_only(index)
-        run_child(index, sockets, writer, master)
+        run_child(index, sockets, writer, master, page)
       end
       writer.close
       now = monotonic
-      @children << Child.new(index: index, pid: pid, started_at: now, reader: reader, last_seen: now, booted: false)
+      @restarts += 1 if replacing
+      @children << Child.new(index: index, pid: pid, started_at: now, reader: reader, last_seen: now, booted: false,
+                             stats: page, phase: @phase, started_wall: Time.now, last_checkin: Time.now)
       @log.call("worker #{index} started (pid #{pid})")
     end
 
@@ -109,12 +175,13 @@ module Hyperion
     # through `exit`: at_exit handlers run and $stdout is flushed (APM and
     # log flushes), and since this is a fork block the child exits there and
     # never returns into the master's code.
-    def run_child(index, sockets, heartbeat, master)
+    def run_child(index, sockets, heartbeat, master, page)
       monitor = WorkerMonitor.new(signals: %w[HUP TTIN TTOU USR1 USR2], interval: heartbeat_interval,
                                   heartbeat: heartbeat, master_pid: master,
                                   on_signal: ->(name, _) { LogFiles.reopen(@config.stdout_redirect) if name == "HUP" })
       @config.on_worker_boot << ->(_) { monitor.booted! }
-      worker = @build_worker.call(index, sockets)
+      worker = @build_worker.call(index, sockets, { stats: page })
+      Hyperion.stats_object = worker
       monitor.start(worker)
       worker.run
       exit(0)
@@ -144,7 +211,11 @@ module Hyperion
         next unless child
 
         child.last_seen = monotonic
-        child.booted ||= data.include?("b")
+        child.last_checkin = Time.now
+        if !child.booted && data.include?("b")
+          child.booted = true
+          @boots += 1
+        end
       end
     end
 
@@ -155,7 +226,12 @@ module Hyperion
         child = @children.find { |c| c.pid == pid }
         next unless child
 
-        @children.delete(child)
+        # One step for /metrics (another thread): the worker's counters move
+        # to the totals as it leaves the list, never counted twice or not at all.
+        @stats_lock.synchronize do
+          @children.delete(child)
+          @retired_stats.absorb(child.stats) if child.stats
+        end
         child.reader&.close
         next if child_retired(child)
 
@@ -178,12 +254,12 @@ module Hyperion
     def refill(dead)
       replaced = @replacing[dead.index]
       if replaced.nil?
-        spawn_worker(dead.index) unless live_worker?(dead.index)
+        spawn_worker(dead.index, replacing: true) unless live_worker?(dead.index)
       elsif replaced.pid == dead.pid # died before its replacement served
         @replacing.delete(dead.index)
-        spawn_worker(dead.index) unless live_worker?(dead.index)
+        spawn_worker(dead.index, replacing: true) unless live_worker?(dead.index)
       else # the replacement died; try again
-        spawn_worker(dead.index)
+        spawn_worker(dead.index, replacing: true)
       end
     end
 
@@ -260,7 +336,7 @@ module Hyperion
       return spawn_worker(index) unless old
 
       @replacing[index] = old
-      spawn_worker(index)
+      spawn_worker(index, replacing: true)
     end
 
     def start_phased_restart
@@ -270,6 +346,7 @@ module Hyperion
       else
         @log.call("phased restart: workers are replaced one at a time and each loads the app afresh")
       end
+      @phase += 1
       @phased = active_children.map(&:index).sort
     end
 
@@ -324,9 +401,57 @@ module Hyperion
       @children.each { |child| signal(child.pid, "HUP") }
     end
 
+    # /halt: KILL every worker and leave at once.
+    def halt_all
+      @log.call("halt: killing the workers without draining")
+      @stopping = true
+      @children.each { |child| signal(child.pid, "KILL") }
+      @children.each do |child|
+        Process.wait(child.pid)
+      rescue Errno::ECHILD
+        nil
+      end
+      @children.clear
+      0
+    end
+
+    # The control listener's answers (see ControlServer): [status,
+    # content_type, body, after].
+    def control_answer(name)
+      case name
+      when "stats" then [200, "application/json", JSON.generate(stats), nil]
+      when "metrics"
+        text = @stats_lock.synchronize do
+          children = @children.dup
+          pages = children.filter_map(&:stats) + [@retired_stats]
+          StatsPage.prometheus(pages, children.count(&:index), children.count { |c| c.index && c.booted },
+                               @boots, @restarts)
+        end
+        [200, "text/plain; version=0.0.4; charset=utf-8", text, nil]
+      when "ready"
+        ready = !@stopping && @draining_until.nil? && @children.dup.any? { |c| c.index && c.booted && !c.retiring? }
+        if ready then [200, "application/json", '{"status":"ready"}', nil]
+        else [503, "application/json", %({"status":"#{@draining_until || @stopping ? 'draining' : 'booting'}"}), nil]
+        end
+      else
+        status, body, after = control_commands.call(name)
+        [status, "application/json", body, after]
+      end
+    end
+
+    # The commands queue the signal's name for the master loop, which acts
+    # as for the signal (stop honours drain_delay; halt has no signal).
+    def control_commands
+      @control_commands ||= Control::Commands.new(
+        restart: -> { @signals.push("USR2") }, phased_restart: -> { @signals.push("USR1") },
+        stop: -> { @signals.push("TERM") }, halt: -> { @signals.push("HALT") }
+      )
+    end
+
     # TERM to every worker, wait graceful_timeout (+ STOP_SLACK), KILL what is left.
     def stop_all
-      Systemd.notify("STOPPING=1")
+      @stopping = true
+      Systemd.notify("STOPPING=1") unless @draining_until
       pids = @children.map(&:pid)
       pids.each { |pid| signal(pid, "TERM") }
       deadline = monotonic + Float(@config.graceful_timeout) + STOP_SLACK

@@ -27,6 +27,12 @@ module Hyperion
       # Where REMOTE_ADDR comes from: set_remote_address's argument, as given
       # (:socket, :localhost, a String, { header: }, { proxy_protocol: }).
       remote_address: :socket,
+      log_requests: false, # one access-log line per request on stdout, off as in Puma
+      log_format: nil, # :text or :json; nil: JSON unless stdout is a terminal
+      drain_delay: 0, # seconds a TERM keeps serving with /ready answering 503
+      control_url: nil, # the control listener (Puma's activate_control_app)
+      control_auth_token: nil,
+      control_url_umask: nil, # permissions of a unix control socket (default 0077)
       # Worker keywords beyond the seed API (limits and timeouts); nil means
       # the server's default.
       limits: {}

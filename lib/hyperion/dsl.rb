@@ -1,5 +1,7 @@
 # frozen_string_literal: true
 
+require "hyperion/control"
+
 module Hyperion
   # The language of `config/hyperion.rb`, in the style of Puma's. Every
   # directive is documented in docs/configuration.md. A mistake stops boot with
@@ -151,6 +153,54 @@ module Hyperion
           fail!("set_remote_address expects :socket, :localhost, a String, header: \"X-Real-IP\" " \
                 "or proxy_protocol: :v1 or :v2, got #{value.inspect}")
         end
+    end
+
+    # One access-log line per request on stdout (log_requests false turns it
+    # off again); Puma's name. `quiet` is Puma's way of saying false.
+    def log_requests(enabled = true)
+      fail!("log_requests expects true or false, got #{enabled.inspect}") unless [true, false].include?(enabled)
+      @config.log_requests = enabled
+    end
+
+    def quiet(enabled = true)
+      fail!("quiet expects true or false, got #{enabled.inspect}") unless [true, false].include?(enabled)
+      @config.log_requests = !enabled
+    end
+
+    # :text or :json for the access log; the default is JSON unless stdout
+    # is a terminal.
+    def log_format(format)
+      format = format.to_sym if format.is_a?(String)
+      fail!("log_format expects :text or :json, got #{format.inspect}") unless %i[text json].include?(format)
+      @config.log_format = format
+    end
+
+    # On TERM, keep serving this many seconds while the control listener's
+    # /ready answers 503, then stop (Kubernetes' preStop pattern).
+    def drain_delay(seconds)
+      number = Float(seconds, exception: false)
+      fail!("drain_delay expects a number of seconds, 0 or more, got #{seconds.inspect}") unless number && number >= 0
+      @config.drain_delay = seconds
+    end
+
+    # Puma's control app: activate_control_app "unix:///run/app-ctl.sock" or
+    # "tcp://127.0.0.1:9293", { auth_token: "secret" } (needed on TCP);
+    # also no_token: true (unix only) and umask: 0o077.
+    def activate_control_app(url = nil, options = {})
+      fail!("activate_control_app needs a URL: \"unix:///path\" or \"tcp://127.0.0.1:PORT\"") unless url.is_a?(String)
+      fail!("activate_control_app options must be a Hash, got #{options.inspect}") unless options.is_a?(Hash)
+      unknown = options.keys - %i[auth_token no_token umask]
+      fail!("activate_control_app: unknown option #{unknown.first.inspect} (use auth_token:, no_token:, umask:)") if unknown.any?
+      token = options[:no_token] ? nil : options[:auth_token]
+      fail!("activate_control_app: auth_token expects a String, got #{token.inspect}") unless token.nil? || token.is_a?(String)
+      begin
+        Control::Settings.new(url: url, auth_token: token, umask: options[:umask]).check
+      rescue ConfigError => e
+        fail!(e.message)
+      end
+      @config.control_url = url
+      @config.control_auth_token = token
+      @config.control_url_umask = options[:umask]
     end
 
     def io_threads(count)

@@ -21,17 +21,16 @@ use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::{Connection, Handshake, SendResponse};
 use h2::RecvStream;
-use http::{Method, Request, Response};
+use http::{Method, Request};
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 
 use super::control_budget::BudgetedIo;
 use super::recv_body::RecvBody;
-use super::stream::{Finished, StreamEnd, StreamTask};
+use super::stream::{Exchanged, Finished, StreamEnd, StreamTask};
 use crate::connection::{Activity, Session, SessionResult, WatchedIo};
 use crate::interim::{self, EarlyHints};
-use crate::response::ResponseBody;
 use crate::server::ServerOptions;
 
 /// What hyper's HTTP/2 server used, kept so nothing changes for clients: a
@@ -95,7 +94,7 @@ impl<S, H, F> H2Session<S, H, F>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     H: FnMut(Request<RecvBody>, Instant, Option<EarlyHints>) -> F,
-    F: Future<Output = Response<ResponseBody>>,
+    F: Future<Output = Exchanged>,
 {
     /// `io` must begin with the client's connection preface (already read
     /// bytes are in its prefix). From `options`: the SETTINGS (`h2`),
@@ -166,7 +165,7 @@ impl<S, H, F> Future for H2Session<S, H, F>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     H: FnMut(Request<RecvBody>, Instant, Option<EarlyHints>) -> F + Unpin,
-    F: Future<Output = Response<ResponseBody>>,
+    F: Future<Output = Exchanged>,
 {
     type Output = SessionResult;
 
@@ -259,7 +258,7 @@ impl<S, H, F> Session<S> for H2Session<S, H, F>
 where
     S: AsyncRead + AsyncWrite + Unpin,
     H: FnMut(Request<RecvBody>, Instant, Option<EarlyHints>) -> F + Unpin,
-    F: Future<Output = Response<ResponseBody>>,
+    F: Future<Output = Exchanged>,
 {
     /// GOAWAY: streams in flight finish, new ones are refused.
     fn graceful_shutdown(&mut self) {
@@ -285,7 +284,10 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use http::{HeaderMap, HeaderValue, StatusCode};
+    use crate::exchange::Exchange;
+    use crate::response::ResponseBody;
+    use crate::stats::StatsPage;
+    use http::{HeaderMap, HeaderValue, Response, StatusCode};
 
     fn options(early_hints: bool) -> ServerOptions {
         ServerOptions {
@@ -308,10 +310,23 @@ mod tests {
         H: FnMut(Request<RecvBody>, Instant, Option<EarlyHints>) -> F + Unpin + Send + 'static,
         F: Future<Output = Response<ResponseBody>> + Send + 'static,
     {
+        client_recorded(client, handler, Arc::new(StatsPage::new(false).unwrap())).await
+    }
+
+    /// As `client_with`, each stream's exchange recorded in `stats`.
+    async fn client_recorded<H, F>(
+        client: &h2::client::Builder,
+        handler: H,
+        stats: Arc<StatsPage>,
+    ) -> (h2::client::SendRequest<Bytes>, tokio::task::JoinHandle<()>)
+    where
+        H: FnMut(Request<RecvBody>, Instant, Option<EarlyHints>) -> F + Unpin + Send + 'static,
+        F: Future<Output = Response<ResponseBody>> + Send + 'static,
+    {
         let (client_io, server_io) = tokio::io::duplex(1 << 20);
         let activity = Activity::new();
         let io = WatchedIo::new(server_io, activity.clone());
-        let session = H2Session::new(io, &options(true), activity, handler);
+        let session = H2Session::new(io, &options(true), activity, recorded(stats, handler));
         tokio::spawn(async move {
             let _ = session.await;
         });
@@ -328,6 +343,26 @@ mod tests {
         F: Future<Output = Response<ResponseBody>> + Send + 'static,
     {
         client_with(&h2::client::Builder::new(), handler).await.0
+    }
+
+    type Recorded = Pin<Box<dyn Future<Output = Exchanged> + Send>>;
+
+    /// Wraps a handler so each stream's response carries an exchange
+    /// recorded in `stats`, as server.rs does.
+    fn recorded<H, F>(
+        stats: Arc<StatsPage>,
+        mut handler: H,
+    ) -> impl FnMut(Request<RecvBody>, Instant, Option<EarlyHints>) -> Recorded + Unpin + Send + 'static
+    where
+        H: FnMut(Request<RecvBody>, Instant, Option<EarlyHints>) -> F + Unpin + Send + 'static,
+        F: Future<Output = Response<ResponseBody>> + Send + 'static,
+    {
+        let remote: Arc<str> = Arc::from("127.0.0.1");
+        move |request, started, hints| {
+            let exchange = Exchange::begin(&stats, None, &request, &remote, started);
+            let response = handler(request, started, hints);
+            Box::pin(async move { (response.await, exchange) })
+        }
     }
 
     fn request(method: Method, path: &str) -> Request<()> {
@@ -386,6 +421,29 @@ mod tests {
         assert_eq!(&data[..], b"POST /grpc 100000");
         let trailers = body.trailers().await.unwrap().unwrap();
         assert_eq!(trailers["grpc-status"], "0");
+    }
+
+    #[tokio::test]
+    async fn every_stream_is_recorded_with_its_status_when_it_ends() {
+        let stats = Arc::new(StatsPage::new(false).unwrap());
+        let (mut client, _) =
+            client_recorded(&h2::client::Builder::new(), echo, stats.clone()).await;
+        for path in ["/a", "/b"] {
+            let (response, _) = client
+                .send_request(request(Method::GET, path), true)
+                .unwrap();
+            let mut body = response.await.unwrap().into_body();
+            while body.data().await.is_some() {}
+        }
+        let mut recorded = stats.snapshot();
+        for _ in 0..100 {
+            if recorded.duration.count == 2 {
+                break;
+            }
+            tokio::task::yield_now().await;
+            recorded = stats.snapshot();
+        }
+        assert_eq!(recorded.responses[1], 2, "{recorded:?}");
     }
 
     #[tokio::test]
@@ -459,7 +517,8 @@ mod tests {
         let (mut client, server_io) = tokio::io::duplex(1 << 16);
         let activity = Activity::new();
         let io = WatchedIo::new(server_io, activity.clone());
-        let session = H2Session::new(io, &options(false), activity, echo);
+        let stats = Arc::new(StatsPage::new(false).unwrap());
+        let session = H2Session::new(io, &options(false), activity, recorded(stats, echo));
         tokio::spawn(async move {
             let _ = session.await;
         });

@@ -24,8 +24,13 @@ use pin_project_lite::pin_project;
 use tokio::time::{Instant, Sleep};
 
 use super::session::ConnectionShared;
+use crate::exchange::Exchange;
 use crate::interim::InterimReceiver;
 use crate::response::ResponseBody;
+
+/// What a stream's handler produces: the response, and the exchange that
+/// records it (stats, access log) when the stream's task ends.
+pub type Exchanged = (Response<ResponseBody>, Exchange);
 
 /// The largest capacity h2 accepts in one reservation (a window's maximum).
 const MAX_RESERVATION: usize = (1 << 31) - 1;
@@ -59,6 +64,8 @@ pin_project! {
         finished: Finished,
         // The app's 103 Early Hints, sent until the final response.
         hints: Option<InterimReceiver>,
+        // Once the response is known; dropped with the task.
+        exchange: Option<Exchange>,
         #[pin]
         state: State<F>,
     }
@@ -85,6 +92,7 @@ impl<F> StreamTask<F> {
             head_only,
             finished,
             hints,
+            exchange: None,
             state: State::Waiting { response },
         }
     }
@@ -92,7 +100,7 @@ impl<F> StreamTask<F> {
 
 impl<F> Future for StreamTask<F>
 where
-    F: Future<Output = Response<ResponseBody>>,
+    F: Future<Output = Exchanged>,
 {
     type Output = StreamEnd;
 
@@ -107,7 +115,11 @@ where
                         }
                     }
                     let response = match response.poll(cx) {
-                        Poll::Ready(response) => response,
+                        Poll::Ready((response, mut exchange)) => {
+                            exchange.responded(&response);
+                            *this.exchange = Some(exchange);
+                            response
+                        }
                         // The client may cancel while the app works; the
                         // app's answer is then dropped unsent.
                         Poll::Pending => {
@@ -126,7 +138,9 @@ where
                         None => return Poll::Ready(StreamEnd::Done),
                     }
                 }
-                StateProj::Sending { pipe } => return pipe.poll(cx, &this.finished.0),
+                StateProj::Sending { pipe } => {
+                    return pipe.poll(cx, &this.finished.0, this.exchange.as_mut())
+                }
             }
         }
     }
@@ -224,7 +238,12 @@ impl BodyPipe {
         }
     }
 
-    fn poll(&mut self, cx: &mut Context<'_>, connection: &ConnectionShared) -> Poll<StreamEnd> {
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+        connection: &ConnectionShared,
+        mut exchange: Option<&mut Exchange>,
+    ) -> Poll<StreamEnd> {
         loop {
             // Also registers for the client's RST_STREAM while waiting below.
             if self.send.poll_reset(cx).is_ready() {
@@ -246,6 +265,9 @@ impl BodyPipe {
                 };
                 let ends = self.pending_ends && self.pending.is_empty();
                 connection.sends.fetch_add(1, Ordering::Relaxed);
+                if let Some(exchange) = exchange.as_deref_mut() {
+                    exchange.sent(piece.len());
+                }
                 if self.send.send_data(piece, ends).is_err() || ends {
                     return Poll::Ready(StreamEnd::Done);
                 }

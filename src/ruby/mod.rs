@@ -1,6 +1,7 @@
 //! Ruby bindings (magnus). One file per concern; no server logic lives here.
 
 mod app_thread;
+mod control;
 mod early_hints;
 mod env;
 mod errors;
@@ -10,6 +11,7 @@ mod options;
 mod pinned;
 mod remote_address;
 mod response;
+mod stats;
 mod stream_input;
 mod worker;
 
@@ -22,5 +24,7 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     stream_input::init(ruby, module)?;
     early_hints::init(ruby, module)?;
     pinned::init(ruby, module)?;
+    stats::init(ruby, module)?;
+    control::init(module)?;
     worker::init(ruby, module)
 }

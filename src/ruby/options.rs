@@ -372,11 +372,167 @@ fn apply_limit_keyword(
             return Err(arg_error(
                 ruby,
                 format!(
-                    "unknown keyword: :{key} (limits accepted: {})",
-                    LIMIT_KEYWORDS.join(", ")
+                    "unknown keyword: :{key} (limits accepted: {}; also {})",
+                    LIMIT_KEYWORDS.join(", "),
+                    OPERATIONS_KEYWORDS.join(", ")
                 ),
             ))
         }
     }
     Ok(())
+}
+
+/// The operations keywords (access log, drain delay, control listener, a
+/// stats page from the master), taken out of the keywords beyond the seed
+/// API before the limits are applied.
+pub(crate) struct Operations {
+    pub log_requests: bool,
+    /// `None`: JSON unless stdout is a terminal.
+    pub log_format: Option<crate::access_log::Format>,
+    pub drain_delay: Option<Duration>,
+    pub control: Option<ControlKeyword>,
+    pub stats: Option<std::sync::Arc<crate::stats::StatsPage>>,
+}
+
+/// `control: { listener:, auth_token:, handler: }`. The Values are the
+/// caller's objects; `Worker.new` keeps them on its stack until the Worker
+/// that marks them exists.
+pub(crate) struct ControlKeyword {
+    pub listener: Value,
+    pub auth_token: Option<String>,
+    pub handler: Option<Value>,
+}
+
+pub(crate) const OPERATIONS_KEYWORDS: [&str; 5] = [
+    "log_requests",
+    "log_format",
+    "drain_delay",
+    "control",
+    "stats",
+];
+
+pub(crate) fn take_operations(ruby: &Ruby, rest: RHash) -> Result<Operations, Error> {
+    let take = |key: &str| -> Result<Option<Value>, Error> {
+        let value: Value = rest.delete(Symbol::new(key))?;
+        Ok((!value.is_nil()).then_some(value))
+    };
+    let log_requests = boolean(ruby, "log_requests", take("log_requests")?)?.unwrap_or(false);
+    let log_format = match take("log_format")? {
+        None => None,
+        Some(v) => {
+            let name = match Symbol::from_value(v) {
+                Some(sym) => sym.name()?.into_owned(),
+                None => string(ruby, "log_format", v)?,
+            };
+            Some(match name.as_str() {
+                "text" => crate::access_log::Format::Text,
+                "json" => crate::access_log::Format::Json,
+                other => {
+                    return Err(arg_error(
+                        ruby,
+                        format!("log_format: must be :text or :json, got {other:?}"),
+                    ))
+                }
+            })
+        }
+    };
+    let drain_delay = take("drain_delay")?
+        .map(|v| seconds_or_zero(ruby, "drain_delay", v))
+        .transpose()?
+        .filter(|delay| !delay.is_zero());
+    let control = take("control")?.map(|v| control(ruby, v)).transpose()?;
+    let stats = match take("stats")? {
+        None => None,
+        Some(v) => Some(
+            <&super::stats::RubyStatsPage>::try_convert(v)
+                .map_err(|_| type_error(ruby, "stats", "a Hyperion::StatsPage", v))?
+                .page(),
+        ),
+    };
+    Ok(Operations {
+        log_requests,
+        log_format,
+        drain_delay,
+        control,
+        stats,
+    })
+}
+
+/// Seconds ≥ 0 (Integer or Float).
+fn seconds_or_zero(ruby: &Ruby, key: &str, value: Value) -> Result<Duration, Error> {
+    if Integer::from_value(value).is_some_and(|i| i.to_i64().ok() == Some(0)) {
+        return Ok(Duration::ZERO);
+    }
+    seconds(ruby, key, value).map_err(|_| {
+        arg_error(
+            ruby,
+            format!("{key}: must be a number of seconds, 0 or more"),
+        )
+    })
+}
+
+fn control(ruby: &Ruby, value: Value) -> Result<ControlKeyword, Error> {
+    let (mut listener, mut auth_token, mut handler) = (None, None, None);
+    for_each_entry(ruby, "control", value, |name, v| {
+        match name.as_str() {
+            "listener" => listener = Some(v),
+            "auth_token" if v.is_nil() => {}
+            "auth_token" => auth_token = Some(string(ruby, "control: auth_token", v)?),
+            "handler" if v.is_nil() => {}
+            "handler" => {
+                if !v.respond_to("call", false)? {
+                    return Err(type_error(
+                        ruby,
+                        "control: handler",
+                        "an object that responds to #call",
+                        v,
+                    ));
+                }
+                handler = Some(v)
+            }
+            other => {
+                return Err(arg_error(
+                    ruby,
+                    format!(
+                        "control: unknown key :{other} (known: :listener, :auth_token, :handler)"
+                    ),
+                ))
+            }
+        }
+        Ok(())
+    })?;
+    let Some(listener) = listener.filter(|l| !l.is_nil()) else {
+        return Err(arg_error(
+            ruby,
+            "control: :listener is missing (a TCPServer or UNIXServer for the control listener)"
+                .into(),
+        ));
+    };
+    if !listener.respond_to("fileno", false)? {
+        return Err(type_error(
+            ruby,
+            "control: listener",
+            LISTENER_EXPECTED,
+            listener,
+        ));
+    }
+    let fd: i32 = listener.funcall("fileno", ())?;
+    // SAFETY: the fd belongs to the live Ruby socket `listener`, borrowed
+    // for this call only.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    let is_unix = socket2::SockRef::from(&borrowed)
+        .local_addr()
+        .map(|address| address.is_unix())
+        .unwrap_or(false);
+    if !is_unix && auth_token.as_deref().map_or(true, str::is_empty) {
+        return Err(arg_error(
+            ruby,
+            "control: a TCP control listener needs auth_token: (anyone who can connect could stop the server); or listen on a unix socket".into(),
+        ));
+    }
+    Ok(ControlKeyword {
+        listener,
+        auth_token,
+        handler,
+    })
 }

@@ -20,6 +20,10 @@ use super::env::EnvFlags;
 use super::errors::{hyperion_error, log_exception, to_ruby};
 use super::nogvl::{run_bounded_without_gvl, wait_interruptibly};
 use super::options;
+use crate::control::commands::CommandQueue;
+use crate::control::route::Auth;
+use crate::control::server::ControlSettings;
+use crate::exchange::AccessLog;
 use crate::fork_safe::ForkSafe;
 use crate::listener::Listener;
 use crate::request::ServerInfo;
@@ -38,6 +42,17 @@ struct Settings {
     #[allow(dead_code)]
     async_io: Option<bool>,
     env_flags: EnvFlags,
+    /// On TERM, serve this long with `/ready` answering 503 before stopping.
+    drain_delay: Option<Duration>,
+    access_log_format: crate::access_log::Format,
+}
+
+/// `control:`: the control listener's socket (marked), its token, and the
+/// handler the control thread calls for the endpoints that need Ruby.
+struct Control {
+    listener: Opaque<Value>,
+    auth_token: Option<String>,
+    handler: Option<Opaque<Value>>,
 }
 
 #[derive(TypedData)]
@@ -59,6 +74,7 @@ pub(crate) struct Worker {
     started: AtomicBool,
     /// The I/O runtime while `run` serves, for the liveness check's ping.
     runtime: ForkSafe<Mutex<Option<tokio::runtime::Handle>>>,
+    control: Option<Control>,
 }
 
 impl DataTypeFunctions for Worker {
@@ -69,6 +85,12 @@ impl DataTypeFunctions for Worker {
         // Marking the Array keeps every socket in it alive.
         if let Some(listeners) = self.listeners {
             marker.mark(listeners);
+        }
+        if let Some(control) = &self.control {
+            marker.mark(control.listener);
+            if let Some(handler) = control.handler {
+                marker.mark(handler);
+            }
         }
     }
 }
@@ -171,6 +193,7 @@ impl Worker {
         let h2 = options::h2_settings(ruby, h2)?;
         let async_io = options::boolean(ruby, "async_io", async_io)?;
 
+        let operations = options::take_operations(ruby, kwargs.splat)?;
         let mut server_options = ServerOptions {
             read_timeout,
             max_request_read,
@@ -184,6 +207,13 @@ impl Worker {
         if let Some(h2) = h2 {
             server_options.h2 = h2;
         }
+        let access_log_format = operations
+            .log_format
+            .unwrap_or_else(crate::access_log::Format::for_stdout);
+        server_options.access_log = operations.log_requests.then_some(AccessLog {
+            format: access_log_format,
+            worker_index: worker_index as u32,
+        });
         let workers = config_integer(ruby, config, "workers", 1, 1024)?.unwrap_or(1);
         let stop_requests = ruby
             .class_object()
@@ -192,14 +222,20 @@ impl Worker {
             .new_instance(())?;
         // Until the Worker object exists to mark them, these objects are
         // referenced only from here: keep them on this stack until it does.
+        let nil = ruby.qnil().as_value();
+        let control = operations.control;
         let live = [
             app,
             config,
             stop_requests,
-            listeners
-                .sockets
-                .map_or(ruby.qnil().as_value(), |s| s.as_value()),
+            listeners.sockets.map_or(nil, |s| s.as_value()),
+            control.as_ref().map_or(nil, |c| c.listener),
+            control.as_ref().and_then(|c| c.handler).unwrap_or(nil),
         ];
+        let shared = match operations.stats {
+            Some(page) => Shared::with_stats(server_options, max_pending.map(|n| n as usize), page),
+            None => Shared::new(server_options, max_pending.map(|n| n as usize)),
+        };
         let worker = ruby.obj_wrap(Worker {
             app: app.into(),
             stop_requests: stop_requests.into(),
@@ -216,23 +252,58 @@ impl Worker {
                     multithread: thread_count > 1,
                     multiprocess: workers > 1,
                 },
+                drain_delay: operations.drain_delay,
+                access_log_format,
             },
-            shared: ForkSafe::new(Shared::new(server_options, max_pending.map(|n| n as usize))),
+            shared: ForkSafe::new(shared),
             started: AtomicBool::new(false),
             runtime: ForkSafe::new(Mutex::new(None)),
+            control: control.map(|c| Control {
+                listener: c.listener.into(),
+                auth_token: c.auth_token,
+                handler: c.handler.map(Opaque::from),
+            }),
         });
         gc_guard(&live);
         Ok(worker)
     }
 
     /// Asks `run` to stop accepting, drain and return. Safe from any thread
-    /// and from signal traps; idempotent.
-    /// Arguments are ignored: a signal trap calls this with the signal number.
-    fn stop(ruby: &Ruby, rb_self: &Worker, _args: &[Value]) -> Result<(), Error> {
-        rb_self.shared.stop.stop();
-        ruby.get_inner(rb_self.stop_requests)
-            .funcall::<_, _, Value>("push", (true,))
-            .map(|_| ())
+    /// and from signal traps; idempotent. A signal trap calls this with the
+    /// signal number: with `drain_delay`, the first TERM only begins the
+    /// delay (`/ready` answers 503, requests are still served) and the stop
+    /// follows when it ends; a second TERM, INT or a call without a signal
+    /// stops at once.
+    fn stop(ruby: &Ruby, rb_self: Obj<Worker>, args: &[Value]) -> Result<(), Error> {
+        let worker = &*rb_self;
+        let term = args
+            .first()
+            .and_then(|v| Integer::from_value(*v))
+            .and_then(|signal| signal.to_i32().ok())
+            == Some(nix::libc::SIGTERM);
+        if let (true, Some(delay)) = (term, worker.settings.drain_delay) {
+            let first = !worker.shared.draining.swap(true, Ordering::AcqRel);
+            if first && !worker.shared.stop.is_stopped() {
+                return start_drain_timer(ruby, rb_self, delay);
+            }
+        }
+        stop_now(ruby, &worker.shared, worker.stop_requests)
+    }
+
+    /// `stats`: Puma's single-mode stats (`started_at`, `backlog`,
+    /// `running`, `pool_capacity`, `max_threads`, `requests_count`,
+    /// `busy_threads`), with symbol keys.
+    fn stats(ruby: &Ruby, rb_self: &Worker) -> Result<RHash, Error> {
+        let snapshot = rb_self.shared.stats.snapshot();
+        let stats = super::stats::status_hash(ruby, &snapshot)?;
+        let started = (snapshot.started_at_ms > 0).then(|| {
+            let at = std::time::UNIX_EPOCH + Duration::from_millis(snapshot.started_at_ms);
+            crate::utc_time::rfc3339(at, false)
+        });
+        let hash = ruby.hash_new();
+        hash.aset(Symbol::new("started_at"), started)?;
+        hash.funcall::<_, _, Value>("update", (stats,))?;
+        Ok(hash)
     }
 
     /// `healthy?`: whether the worker still serves (see `crate::health`);
@@ -266,6 +337,7 @@ impl Worker {
             ));
         }
         crate::logging::init();
+        crate::access_log::set_format(worker.settings.access_log_format);
         // Certificates are checked before binding, so a bad file fails fast.
         let acceptors = tls_acceptors(ruby, &worker.settings.tls)?;
         let listeners = match worker.listeners {
@@ -335,10 +407,21 @@ impl Worker {
 fn serve(ruby: &Ruby, rb_self: Obj<Worker>, endpoints: Vec<Endpoint>) -> Result<(), Error> {
     let worker = &*rb_self;
     let shared = &worker.shared;
+    shared.stats.set_max_threads(worker.settings.thread_count);
+    let control_listener = match &worker.control {
+        Some(control) => {
+            let socket = ruby.get_inner(control.listener);
+            let fd: i32 = socket.funcall("fileno", ())?;
+            Some(Listener::adopt(fd).map_err(|e| to_ruby(ruby, e))?)
+        }
+        None => None,
+    };
     let mut server = Server::start(endpoints, Arc::clone(shared)).map_err(|e| to_ruby(ruby, e))?;
     // No early return from here on: the runtime must be shut down below,
     // without the GVL, whatever happens.
     *lock(&worker.runtime) = Some(server.handle().clone());
+    shared.stats.serving_since(std::time::SystemTime::now());
+    let commands = start_control(ruby, rb_self, &server, control_listener);
     let context = Arc::new(AppContext {
         shared: Arc::clone(shared),
         runtime: server.handle().clone(),
@@ -363,6 +446,7 @@ fn serve(ruby: &Ruby, rb_self: Obj<Worker>, endpoints: Vec<Endpoint>) -> Result<
     if let Some(watchdog) = watchdog {
         let _ = watchdog.join();
     }
+    let control_stopped = stop_control_thread(commands);
     tracing::debug!("stopping: joining app threads");
     let deadline = shared.stop.deadline(shared.options.graceful_timeout);
     let joined = join_app_threads(threads, deadline);
@@ -371,7 +455,120 @@ fn serve(ruby: &Ruby, rb_self: Obj<Worker>, endpoints: Vec<Endpoint>) -> Result<
     tracing::debug!("stopping: shutting the runtime down");
     *lock(&worker.runtime) = None;
     let stopped = run_bounded_without_gvl(move || server.shutdown());
-    result.and(drained).and(joined).and(stopped)
+    result
+        .and(drained)
+        .and(joined)
+        .and(control_stopped)
+        .and(stopped)
+}
+
+/// Stops now: the stop signal for the tokio side, and a wake-up for the
+/// `run` thread waiting on its event queue.
+fn stop_now(ruby: &Ruby, shared: &Shared, stop_requests: Opaque<Value>) -> Result<(), Error> {
+    shared.stop.stop();
+    ruby.get_inner(stop_requests)
+        .funcall::<_, _, Value>("push", (true,))
+        .map(|_| ())
+}
+
+/// The drain delay's timer: a Ruby thread that sleeps through the delay
+/// (in short naps, so it ends soon after a stop that comes another way),
+/// then stops the worker.
+fn start_drain_timer(ruby: &Ruby, rb_self: Obj<Worker>, delay: Duration) -> Result<(), Error> {
+    let shared = Arc::clone(&rb_self.shared);
+    let stop_requests = rb_self.stop_requests;
+    tracing::info!(
+        seconds = delay.as_secs_f64(),
+        "stop requested: serving through drain_delay while /ready answers 503"
+    );
+    let ends = Instant::now() + delay;
+    let thread = ruby.thread_create_from_fn(move |ruby| {
+        let kernel = ruby.module_kernel();
+        loop {
+            if shared.stop.is_stopped() {
+                return Ok(());
+            }
+            let left = ends.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                tracing::info!("drain_delay over; stopping");
+                return stop_now(ruby, &shared, stop_requests);
+            }
+            kernel.funcall::<_, _, Value>(
+                "sleep",
+                (left.min(Duration::from_millis(250)).as_secs_f64(),),
+            )?;
+        }
+    });
+    // The Worker (which marks the stop queue) lives while the thread does.
+    thread.ivar_set("__hyperion_worker", rb_self)?;
+    thread.funcall::<_, _, Value>("name=", ("hyperion-drain-delay",))?;
+    Ok(())
+}
+
+/// The control thread and the queue it takes commands from, while it runs.
+type ControlThread = Option<(Arc<CommandQueue>, Value)>;
+
+/// Serves the control listener on the worker's runtime and, when a handler
+/// was given, starts the control thread for the endpoints that need Ruby.
+/// A failure is logged: the worker serves without a control listener
+/// rather than not at all.
+fn start_control(
+    ruby: &Ruby,
+    rb_self: Obj<Worker>,
+    server: &Server,
+    listener: Option<Listener>,
+) -> ControlThread {
+    let (Some(control), Some(listener)) = (&rb_self.control, listener) else {
+        return None;
+    };
+    let thread = control.handler.and_then(|handler| {
+        let queue = Arc::new(CommandQueue::default());
+        let serving = queue.clone();
+        let thread = ruby.thread_create_from_fn(move |ruby| {
+            super::control::serve_commands(ruby, &serving, handler)
+        });
+        let named = thread
+            .ivar_set("__hyperion_worker", rb_self)
+            .and_then(|()| thread.funcall::<_, _, Value>("name=", ("hyperion-control",)));
+        match named {
+            Ok(_) => Some((queue, thread.as_value())),
+            Err(e) => {
+                log_exception("could not start the control thread", &e);
+                queue.close();
+                None
+            }
+        }
+    });
+    let settings = ControlSettings {
+        auth: Auth::new(control.auth_token.as_deref()),
+        commands: thread.as_ref().map(|(queue, _)| queue.clone()),
+    };
+    let shared = Arc::clone(&rb_self.shared);
+    if let Err(e) = crate::control::server::spawn(server.handle(), listener, shared, settings) {
+        tracing::error!(error = %e, "could not serve the control listener");
+    }
+    // The thread Value stays on this stack frame's caller (`serve`) until
+    // it is joined; the thread itself is also referenced by Ruby's thread list.
+    thread
+}
+
+/// Closes the control thread's queue and waits briefly for it to end.
+fn stop_control_thread(control: ControlThread) -> Result<(), Error> {
+    let Some((queue, thread)) = control else {
+        return Ok(());
+    };
+    queue.close();
+    match thread.funcall::<_, _, Value>("join", (KILL_GRACE.as_secs_f64(),)) {
+        Ok(joined) if joined.is_nil() => {
+            tracing::warn!("the control thread did not end; killing it");
+            thread.funcall::<_, _, Value>("kill", ()).map(|_| ())
+        }
+        Ok(_) => Ok(()),
+        Err(e) => {
+            log_exception("the control thread ended with an exception", &e);
+            Ok(())
+        }
+    }
 }
 
 /// Starts the dispatcher's watchdog (see `crate::dispatch`) on a plain
@@ -608,6 +805,7 @@ pub(crate) fn init(ruby: &Ruby, module: RModule) -> Result<(), Error> {
     class.define_singleton_method("new", magnus::function!(Worker::new, -1))?;
     class.define_method("run", magnus::method!(Worker::run, 0))?;
     class.define_method("stop", magnus::method!(Worker::stop, -1))?;
+    class.define_method("stats", magnus::method!(Worker::stats, 0))?;
     class.define_method("healthy?", magnus::method!(Worker::healthy, 0))?;
     Ok(())
 }
