@@ -11,6 +11,8 @@ pub mod file_body;
 pub mod fork_safe;
 pub mod h2_settings;
 pub mod health;
+pub mod hijack;
+pub mod hijack_bridge;
 pub mod host;
 pub mod http2;
 pub mod interim;
@@ -22,8 +24,10 @@ pub mod response;
 pub mod server;
 pub mod session;
 pub mod stop;
+pub mod takeover;
 pub mod tls;
 pub mod wait;
+pub mod written;
 
 #[cfg(feature = "ruby")]
 mod ruby;

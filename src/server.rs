@@ -38,6 +38,8 @@ use crate::request::{Job, RequestData, ServerInfo};
 use crate::response::{plain_response, ResponseBody};
 use crate::session::{http1_starter, sniff, Protocol, TrackedBody};
 use crate::stop::StopSignal;
+use crate::takeover::{ConnectionStream, TakeoverHandle, TakeoverPoint};
+use crate::written::WrittenNotice;
 use http_body::Body;
 use std::future::Future;
 use tokio_rustls::TlsAcceptor;
@@ -286,7 +288,7 @@ fn spawn_connection<S>(
     shared: &Arc<Shared>,
     held: Held,
 ) where
-    S: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
+    S: ConnectionStream + AsRawFd,
 {
     let (info, shared) = (info.clone(), shared.clone());
     let peer = Peer {
@@ -310,7 +312,7 @@ async fn plaintext_task<S>(
     shared: Arc<Shared>,
     held: Held,
 ) where
-    S: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
+    S: ConnectionStream + AsRawFd,
 {
     // Declared first, dropped last: the socket closes before the slot frees.
     let _held = held;
@@ -382,7 +384,7 @@ struct Peer {
 /// sends nothing within `read_timeout` gets 408.
 async fn serve_plaintext<S>(mut stream: S, peer: Peer, info: Arc<ServerInfo>, shared: Arc<Shared>)
 where
-    S: AsyncRead + AsyncWrite + AsRawFd + Unpin + Send + 'static,
+    S: ConnectionStream + AsRawFd,
 {
     let fd = stream.as_raw_fd();
     let Some((protocol, prefix)) = sniff(&mut stream, shared.options.read_timeout).await else {
@@ -437,6 +439,9 @@ struct ConnectionContext {
     /// HTTP/1.1 with early hints on: the interim bytes the requests queue
     /// for the connection's `InterimIo`.
     interim: Option<Arc<InterimQueue>>,
+    /// HTTP/1.x: where a request asks to take the connection over
+    /// (`rack.hijack`).
+    takeover: Option<Arc<TakeoverPoint>>,
 }
 
 impl ConnectionContext {
@@ -463,13 +468,25 @@ impl ConnectionContext {
                 (Some(early_hints), Some(hints))
             }
         };
+        let (takeover, open) = match &self.takeover {
+            Some(point) => {
+                let (handle, open) = point.open(request.version());
+                (Some(handle), Some(open))
+            }
+            None => (None, None),
+        };
         let context = self.clone();
         async move {
-            let response = handle_request(request, deadline, &context, early_hints);
+            let response = handle_request(request, deadline, &context, early_hints, takeover);
             let mut response = match (hints, &context.interim) {
                 (Some(hints), Some(queue)) => interim::http1_exchange(queue, hints, response).await,
                 _ => response.await,
             };
+            if open.as_ref().is_some_and(|open| !open.close()) {
+                // The request is taking the connection over: the task takes
+                // it from hyper, dropping this future with `open`.
+                std::future::pending::<()>().await;
+            }
             // A stop has begun: tell a keep-alive client before closing.
             if last || context.shared.stop.is_stopped() {
                 response.headers_mut().insert(
@@ -478,7 +495,8 @@ impl ConnectionContext {
                 );
             }
             let activity = context.activity.clone();
-            Ok(response.map(|body| TrackedBody { body, activity }))
+            let written = response.extensions_mut().remove::<WrittenNotice>();
+            Ok(response.map(|body| TrackedBody::new(body, activity, written)))
         }
     }
 }
@@ -493,7 +511,7 @@ async fn serve_connection<S>(
     info: Arc<ServerInfo>,
     shared: Arc<Shared>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: ConnectionStream,
 {
     let activity = Activity::new();
     let context = Arc::new(ConnectionContext {
@@ -504,6 +522,7 @@ async fn serve_connection<S>(
         served: AtomicU32::new(0),
         interim: (protocol == Protocol::Http1 && shared.options.early_hints)
             .then(|| Arc::new(InterimQueue::default())),
+        takeover: (protocol == Protocol::Http1).then(TakeoverPoint::new),
     });
     let options = &shared.options;
     let timeouts = Timeouts {
@@ -517,9 +536,10 @@ async fn serve_connection<S>(
     match protocol {
         Protocol::Http1 => {
             let interim = context.interim.clone();
+            let takeover = context.takeover.clone();
             let service = service_fn(move |request| context.respond_http1(request));
             let start = http1_starter(options, interim, service);
-            serve(io, start, activity, timeouts, stop).await;
+            serve(io, start, activity, timeouts, stop, takeover.as_deref()).await;
         }
         Protocol::Http2 => {
             let start = |io| {
@@ -527,11 +547,11 @@ async fn serve_connection<S>(
                 let respond = move |request, head_started: Instant, early_hints| {
                     let deadline = head_started + context.shared.options.max_request_read;
                     let context = context.clone();
-                    async move { handle_request(request, deadline, &context, early_hints).await }
+                    async move { handle_request(request, deadline, &context, early_hints, None).await }
                 };
                 H2Session::new(io, options, activity.clone(), respond)
             };
-            serve(io, start, activity.clone(), timeouts, stop).await;
+            serve(io, start, activity.clone(), timeouts, stop, None).await;
         }
     }
 }
@@ -585,12 +605,14 @@ const REFUSED_H2_BODY_TIME: Duration = Duration::from_secs(1);
 /// (or starts streaming it), queues it for the Ruby threads and waits for
 /// their answer. `deadline`: when the whole request (counted from its head's
 /// first byte) must have arrived. `early_hints`: the app's
-/// `rack.early_hints`, when enabled.
+/// `rack.early_hints`, when enabled; `takeover`: the request's right to
+/// take its HTTP/1.x connection over (`rack.hijack`).
 async fn handle_request<B>(
     request: Request<B>,
     deadline: Instant,
     context: &ConnectionContext,
     early_hints: Option<EarlyHints>,
+    takeover: Option<TakeoverHandle>,
 ) -> Response<ResponseBody>
 where
     B: Body<Data = Bytes> + Unpin + Send + 'static,
@@ -625,6 +647,7 @@ where
             client_cert: context.peer.client_cert.clone(),
             server: context.info.clone(),
             early_hints,
+            takeover,
         },
         reply,
     };
@@ -708,11 +731,11 @@ mod tests {
                         job.request.server.scheme,
                         job.request.server.port,
                     );
-                    let _ = job.reply.send(AppResponse {
-                        status: StatusCode::OK,
-                        headers: Default::default(),
-                        body: ResponseBody::from_chunks(vec![Bytes::from(text)]),
-                    });
+                    let _ = job.reply.send(AppResponse::new(
+                        StatusCode::OK,
+                        Default::default(),
+                        ResponseBody::from_chunks(vec![Bytes::from(text)]),
+                    ));
                 }
             })
         };
@@ -979,6 +1002,135 @@ mod tests {
 
         shared.stop.stop();
         assert!(server.wait_stopped(&Notify::new()));
+        shared.queue.close();
+        consumer.join().unwrap();
+        server.shutdown();
+    }
+
+    /// A server whose "app" answers /hijack by taking the connection over:
+    /// on the socket it is handed it writes "<kind>:", reads one line,
+    /// answers "got <line>" and closes. Other paths get a plain answer.
+    fn hijack_server(
+        options: ServerOptions,
+    ) -> (Server, Arc<Shared>, u16, std::thread::JoinHandle<()>) {
+        let (endpoint, port) = plain_endpoint();
+        let shared = Shared::new(options, None);
+        let server = Server::start(vec![endpoint], shared.clone()).unwrap();
+        let consumer = {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                let flag = AtomicBool::new(false);
+                let consumer = shared.queue.consumer();
+                while let Pop::Job(job) = shared.queue.pop(&consumer, &flag) {
+                    let Some(takeover) = (job.request.head.uri.path() == "/hijack")
+                        .then_some(job.request.takeover.clone())
+                        .flatten()
+                    else {
+                        let _ = job.reply.send(AppResponse::new(
+                            StatusCode::OK,
+                            Default::default(),
+                            ResponseBody::from_chunks(vec![Bytes::from_static(b"plain")]),
+                        ));
+                        continue;
+                    };
+                    let (hand_over, socket) = crate::hijack::HandOver::new(Bytes::new());
+                    takeover.take_over(hand_over).unwrap();
+                    let handed = socket.blocking_recv().unwrap().unwrap();
+                    // The reply is dropped unsent, as Ruby's would be.
+                    drop(job);
+                    std::thread::spawn(move || {
+                        let mut app = std::os::unix::net::UnixStream::from(handed.fd);
+                        app.set_nonblocking(false).unwrap();
+                        let _ = app.write_all(format!("{:?}:", handed.kind).as_bytes());
+                        let mut line = Vec::new();
+                        let mut byte = [0u8; 1];
+                        while app.read_exact(&mut byte).is_ok() && byte[0] != b'\n' {
+                            line.push(byte[0]);
+                        }
+                        let answer = format!("got {}", String::from_utf8_lossy(&line));
+                        let _ = app.write_all(answer.as_bytes());
+                    });
+                }
+            })
+        };
+        (server, shared, port, consumer)
+    }
+
+    fn stop_server(mut server: Server, shared: Arc<Shared>, consumer: std::thread::JoinHandle<()>) {
+        shared.stop.stop();
+        assert!(server.wait_stopped(&Notify::new()));
+        shared.queue.close();
+        consumer.join().unwrap();
+        server.shutdown();
+    }
+
+    #[test]
+    fn a_takeover_gets_the_socket_itself_or_a_bridge_with_the_bytes_read_ahead_first() {
+        let (server, shared, port, consumer) = hijack_server(ServerOptions::default());
+        // Bytes right behind the request: hyper has read them, so the app
+        // gets a bridged socketpair that delivers them first.
+        let out = exchange(port, b"GET /hijack HTTP/1.1\r\nHost: x\r\n\r\nearly\n");
+        assert_eq!(
+            out, "Unix:got early",
+            "no HTTP from the server after a takeover"
+        );
+
+        // Nothing read ahead (the client sends its line only once the app
+        // has the connection): the client's own TCP socket.
+        let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        client
+            .write_all(b"GET /hijack HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut kind = [0u8; 4];
+        client.read_exact(&mut kind).unwrap();
+        assert_eq!(&kind, b"Tcp:");
+        client.write_all(b"late\n").unwrap();
+        let mut out = String::new();
+        client.read_to_string(&mut out).unwrap();
+        assert_eq!(out, "got late");
+
+        // After a pipelined request, its response first.
+        let out = exchange(
+            port,
+            b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /hijack HTTP/1.1\r\nHost: x\r\n\r\npipelined\n",
+        );
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+        assert!(out.ends_with("\r\n\r\nplainUnix:got pipelined"), "{out}");
+        stop_server(server, shared, consumer);
+    }
+
+    #[test]
+    fn a_taken_over_connection_leaves_the_drain_and_frees_its_connection_slot() {
+        let options = ServerOptions {
+            max_connections: Some(1),
+            ..ServerOptions::default()
+        };
+        let (mut server, shared, port, consumer) = hijack_server(options);
+        let mut hijacked = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        hijacked
+            .write_all(b"GET /hijack HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut kind = [0u8; 4];
+        hijacked.read_exact(&mut kind).unwrap();
+        // The only slot is free again once the connection is the app's.
+        let out = exchange(
+            port,
+            b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(out.ends_with("plain"), "{out}");
+        // The hijacked connection, still open, does not hold up a stop.
+        shared.stop.stop();
+        assert!(server.wait_stopped(&Notify::new()));
+        hijacked.write_all(b"after stop\n").unwrap();
+        hijacked
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut out = String::new();
+        hijacked.read_to_string(&mut out).unwrap();
+        assert!(out.ends_with("got after stop"), "{out}");
         shared.queue.close();
         consumer.join().unwrap();
         server.shutdown();

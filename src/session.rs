@@ -20,6 +20,7 @@ use crate::connection::{Activity, Session, SessionResult, WatchedIo};
 use crate::interim::{InterimIo, InterimQueue};
 use crate::response::{ResponseBody, StreamAborted};
 use crate::server::ServerOptions;
+use crate::written::WrittenNotice;
 
 /// Which HTTP a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -60,8 +61,12 @@ pub async fn sniff<S: AsyncRead + Unpin>(
     Some((protocol, seen.freeze()))
 }
 
-/// hyper's HTTP/1.1 connection as a `connection::Session`.
-pub struct Http1Session<S, Svc>(http1::Connection<InterimIo<WatchedIo<S>>, Svc>)
+/// hyper's HTTP/1.1 connection as a `connection::Session`, with the queue
+/// of interim bytes its IO writes (when early hints are on).
+pub struct Http1Session<S, Svc>(
+    http1::Connection<InterimIo<WatchedIo<S>>, Svc>,
+    Option<Arc<InterimQueue>>,
+)
 where
     Svc: HttpService<Incoming>;
 
@@ -88,7 +93,7 @@ where
         .keep_alive(true);
     move |io| {
         let io = InterimIo::new(io, interim.clone());
-        Http1Session(h1.serve_connection(io, service.clone()))
+        Http1Session(h1.serve_connection(io, service.clone()), interim.clone())
     }
 }
 
@@ -121,17 +126,50 @@ where
         let parts = self.0.into_parts();
         Some((parts.io.into_inner(), parts.read_buf))
     }
+
+    fn take_unwritten(&mut self) -> Bytes {
+        self.1
+            .as_ref()
+            .map_or_else(Bytes::new, |queue| queue.take_unwritten())
+    }
 }
 
 /// A response body that tells the connection when hyper is done with it, so
-/// the idle timer starts then.
+/// the idle timer starts then; and, when someone waits for the response to
+/// be written (`written`), hands their notice to the connection once hyper
+/// has taken the last frame.
 pub struct TrackedBody {
-    pub body: ResponseBody,
-    pub activity: Arc<Activity>,
+    body: ResponseBody,
+    activity: Arc<Activity>,
+    written: Option<WrittenNotice>,
+    /// The body yielded its end (a stream's end is only seen by polling).
+    ended: bool,
+}
+
+impl TrackedBody {
+    pub fn new(
+        body: ResponseBody,
+        activity: Arc<Activity>,
+        written: Option<WrittenNotice>,
+    ) -> Self {
+        Self {
+            body,
+            activity,
+            written,
+            ended: false,
+        }
+    }
 }
 
 impl Drop for TrackedBody {
     fn drop(&mut self) {
+        if let Some(notice) = self.written.take() {
+            // Dropped before its end: the response was cut short, and the
+            // notice goes unfired.
+            if self.ended || self.body.is_end_stream() {
+                self.activity.notify_at_next_flush(notice);
+            }
+        }
         self.activity.response_finished();
     }
 }
@@ -144,7 +182,13 @@ impl Body for TrackedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, StreamAborted>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        match &frame {
+            Poll::Ready(None) => self.ended = true,
+            Poll::Ready(Some(Ok(frame))) if frame.is_trailers() => self.ended = true,
+            _ => {}
+        }
+        frame
     }
 
     fn is_end_stream(&self) -> bool {
