@@ -1,14 +1,18 @@
 //! Ruby bindings (magnus). One file per concern; no server logic lives here.
 
 mod app_thread;
+mod callbacks;
 mod early_hints;
 mod env;
 mod errors;
+mod exchange;
+mod hijack;
 mod keys;
 mod nogvl;
 mod options;
 mod pinned;
 mod response;
+mod stream_body;
 mod stream_input;
 mod worker;
 
@@ -20,6 +24,8 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     let module = ruby.define_module("Hyperion")?;
     stream_input::init(ruby, module)?;
     early_hints::init(ruby, module)?;
+    hijack::init(ruby, module)?;
+    stream_body::init(ruby, module)?;
     pinned::init(ruby, module)?;
     worker::init(ruby, module)
 }
