@@ -604,6 +604,16 @@ async fn drive<S, C: Session<S>>(
     let mut taking_over = false;
     loop {
         if taking_over && activity.write_stalled.load(Ordering::Acquire) == 0 {
+            // One more turn for hyper: what the request did before it asked
+            // (queueing 103 Early Hints) may have come after hyper's last
+            // poll in this round; it must reach hyper's side first.
+            let polled = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *session).poll(cx)));
+            if let Poll::Ready(result) = polled.await {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return SessionEnd::Closed;
+            }
             return SessionEnd::TakeOver;
         }
         // With no deadline (a request in flight), look again after

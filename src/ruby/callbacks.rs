@@ -56,8 +56,7 @@ impl Callbacks {
     /// A notice for the response when callbacks wait for it to be written,
     /// and the wait.
     pub(crate) fn written_notice(&self) -> Option<(WrittenNotice, WrittenWait)> {
-        (!self.after_reply.is_empty() || !self.response_finished.is_empty())
-            .then(written::channel)
+        (!self.after_reply.is_empty() || !self.response_finished.is_empty()).then(written::channel)
     }
 
     /// Runs every callable (see the module docs). Returns a non-local exit

@@ -21,7 +21,9 @@ use http::{HeaderMap, StatusCode};
 use magnus::prelude::*;
 use magnus::typed_data::Obj;
 use magnus::value::Opaque;
-use magnus::{gc, method, DataTypeFunctions, Error, RClass, RHash, RModule, Ruby, TypedData, Value};
+use magnus::{
+    gc, method, DataTypeFunctions, Error, RClass, RHash, RModule, Ruby, TypedData, Value,
+};
 use tokio::sync::Notify;
 
 use super::errors::{is_non_local_exit, log_exception, CLIENT_DISCONNECTED};

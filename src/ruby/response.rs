@@ -24,7 +24,9 @@ use magnus::value::Opaque;
 use magnus::{Error, Integer, RArray, RHash, RString, Ruby, Symbol, TryConvert, Value};
 use tokio::sync::{oneshot, Notify};
 
-use super::errors::{class_of, is_non_local_exit, log_exception, CLIENT_DISCONNECTED, HYPERION_ERROR};
+use super::errors::{
+    class_of, is_non_local_exit, log_exception, CLIENT_DISCONNECTED, HYPERION_ERROR,
+};
 use super::nogvl::wait_interruptibly;
 use crate::file_body::FileBody;
 use crate::fork_safe::ForkSafe;
@@ -114,7 +116,9 @@ fn partial_hijack(
             reply.sender,
             "rack.hijack is not available over HTTP/2 (a rack.hijack response header was given)",
         );
-        reply.failure.set(invalid_error("rack.hijack is not available over HTTP/2"));
+        reply
+            .failure
+            .set(invalid_error("rack.hijack is not available over HTTP/2"));
         return Ok(());
     };
     // Kept until the connection is taken: dropping it would answer 503.
@@ -231,7 +235,12 @@ fn convert_headers(
 ) -> Result<HeaderMap, Failure> {
     let mut map = HeaderMap::new();
     let mut problem = None;
-    let mut add = |name: Value, value: Value| match add_header(&mut map, name, value, hijack.as_deref_mut()) {
+    let mut add = |name: Value, value: Value| match add_header(
+        &mut map,
+        name,
+        value,
+        hijack.as_deref_mut(),
+    ) {
         Ok(()) => ForEach::Continue,
         Err(failed) => {
             problem = Some(failed);
@@ -524,7 +533,10 @@ fn send_body(
         };
     }
     if !body.respond_to("each", false).unwrap_or(false) {
-        let message = format!("body must respond to #each or #call, got {}", class_of(body));
+        let message = format!(
+            "body must respond to #each or #call, got {}",
+            class_of(body)
+        );
         send_error(reply.sender, &message);
         reported.set(invalid_error(&message));
         return Ok(());
