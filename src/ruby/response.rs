@@ -124,8 +124,12 @@ fn partial_hijack(
     // Kept until the connection is taken: dropping it would answer 503.
     let _held = reply.sender;
     let failed = super::hijack::partial(ruby, status, headers, callable, takeover, reply.runtime)?;
-    if failed.is_some() {
-        reply.failure.set(failed);
+    match (failed, reply.written) {
+        (Some(failed), _) => reply.failure.set(Some(failed)),
+        // The head went out before the callable was called: what Hyperion
+        // had to write is written.
+        (None, Some(written)) => written.fire(),
+        (None, None) => {}
     }
     Ok(())
 }

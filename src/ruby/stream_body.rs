@@ -225,6 +225,10 @@ fn switch_protocols(
             return Ok(());
         }
     };
+    // The head is written; what follows is the body's.
+    if let Some(written) = reply.written {
+        written.fire();
+    }
     let called = body.funcall::<_, _, Value>("call", (io,));
     // The stream lasts as long as `call` (see the module docs).
     let _ = io.funcall::<_, _, Value>("close", ());
