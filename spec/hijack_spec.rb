@@ -199,6 +199,7 @@ RSpec.describe "rack.hijack" do
       with_worker(partial_app([])) do |port|
         out = raw_exchange(port, "GET / HTTP/1.0\r\n\r\nhello")
         expect(out).to start_with("HTTP/1.0 101 Switching Protocols\r\n")
+        expect(out).to end_with("\r\n\r\nafter the head:hello")
       end
     end
   end

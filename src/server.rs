@@ -1022,6 +1022,12 @@ mod tests {
                 let flag = AtomicBool::new(false);
                 let consumer = shared.queue.consumer();
                 while let Pop::Job(job) = shared.queue.pop(&consumer, &flag) {
+                    if job.request.head.uri.path() == "/outside" {
+                        // Answered outside hyper, which then goes on.
+                        let takeover = job.request.takeover.clone().unwrap();
+                        takeover.take_over(Box::new(AnswerOutsideHyper)).unwrap();
+                        continue;
+                    }
                     let Some(takeover) = (job.request.head.uri.path() == "/hijack")
                         .then_some(job.request.takeover.clone())
                         .flatten()
@@ -1054,6 +1060,26 @@ mod tests {
             })
         };
         (server, shared, port, consumer)
+    }
+
+    /// The seam for responses written outside hyper (sendfile): writes a
+    /// whole response through the stream, then resumes HTTP.
+    struct AnswerOutsideHyper;
+
+    impl crate::takeover::TakeoverJob for AnswerOutsideHyper {
+        fn run(self: Box<Self>, mut taken: crate::takeover::Taken) -> crate::takeover::JobFuture {
+            Box::pin(async move {
+                use tokio::io::AsyncWriteExt;
+                let written = taken
+                    .stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\noutside")
+                    .await;
+                match written {
+                    Ok(()) => crate::takeover::AfterTakeover::Resume(taken),
+                    Err(_) => crate::takeover::AfterTakeover::Released,
+                }
+            })
+        }
     }
 
     fn stop_server(mut server: Server, shared: Arc<Shared>, consumer: std::thread::JoinHandle<()>) {
@@ -1099,6 +1125,25 @@ mod tests {
         );
         assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
         assert!(out.ends_with("\r\n\r\nplainUnix:got pipelined"), "{out}");
+        stop_server(server, shared, consumer);
+    }
+
+    #[test]
+    fn a_takeover_can_answer_outside_hyper_then_resume_http_with_the_bytes_read_ahead() {
+        let (server, shared, port, consumer) = hijack_server(ServerOptions::default());
+        // The second request is read ahead with the first: it goes back to
+        // the new hyper session, and keep-alive goes on.
+        let out = exchange(
+            port,
+            b"GET /outside HTTP/1.1\r\nHost: x\r\n\r\nGET /a HTTP/1.1\r\nHost: x\r\n\r\n\
+              GET /outside HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        let bodies: Vec<&str> = out
+            .split("HTTP/1.1 200 OK\r\n")
+            .skip(1)
+            .map(|response| response.split("\r\n\r\n").nth(1).unwrap())
+            .collect();
+        assert_eq!(bodies, ["outside", "plain", "outside", "plain"], "{out}");
         stop_server(server, shared, consumer);
     }
 
