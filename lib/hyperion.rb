@@ -1,5 +1,6 @@
 # frozen_string_literal: true
 
+require "socket"
 require "stringio"
 require "hyperion/version"
 require "hyperion/errors"

@@ -36,6 +36,15 @@ RSpec.describe "the access log" do
     end
   end
 
+  it "logs a request whose connection the app took over (rack.hijack) as 101, not as a client that left" do
+    with_server("--log-requests", app) do |port, _pid, out|
+      expect(http_get(port, "/hijack").body).to eq("hijacked")
+      lines = wait_for_lines(out, 1)
+      expect(lines.first).to include("path" => "/hijack", "status" => 101, "bytes" => 0)
+      expect(http_get(port).body).to eq("hello"), "the worker serves on after the hijack"
+    end
+  end
+
   it "writes text lines with --log-format text" do
     with_server("--log-requests", "--log-format", "text", app) do |port, _pid, out|
       http_get(port, "/t?k=v", "X-Request-Id" => "abc")

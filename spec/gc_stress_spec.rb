@@ -133,6 +133,45 @@ RSpec.describe "serving under GC.stress", :gc_stress, timeout: 300 do
     (Array(listeners) + Array(sockets)).each { |l| l.close unless l.closed? }
   end
 
+  it "hijacks (full and partial), streams Rack 3 bodies and runs the response callbacks" do
+    calls = Queue.new
+    app = lambda do |env|
+      compact_here
+      env["rack.after_reply"] << -> { compact_here; calls << :after_reply }
+      env["rack.response_finished"] << ->(e, status, _h, _err) { compact_here; calls << [e["PATH_INFO"], status] }
+      case env["PATH_INFO"]
+      when "/full"
+        env["rack.hijack"].call
+        GC.start
+        io = env["rack.hijack"].call
+        io.write("full:#{io.read(5)}")
+        io.close
+        [200, {}, []]
+      when "/partial"
+        [200, { "rack.hijack" => lambda { |io|
+          compact_here
+          io.write("partial")
+          io.close
+        } }, []]
+      else
+        [200, {}, lambda { |stream|
+          %w[s t r].each { |c| compact_here; stream << c }
+          stream.write(stream.read)
+        }]
+      end
+    end
+    with_worker(app, thread_count: 2) do |port|
+      gc_stress do
+        expect(raw_exchange(port, "GET /full HTTP/1.1\r\nHost: x\r\n\r\nearly")).to eq("full:early")
+        expect(raw_exchange(port, "GET /partial HTTP/1.1\r\nHost: x\r\n\r\n")).to end_with("\r\n\r\npartial")
+        raw = raw_exchange(port, "POST /stream HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok")
+        expect(parse_responses(raw).first.values_at(0, 2)).to eq([200, "strok"])
+        recorded = Timeout.timeout(300) { Array.new(6) { calls.pop } }
+        expect(recorded - [:after_reply]).to contain_exactly(["/full", 200], ["/partial", 200], ["/stream", 200])
+      end
+    end
+  end
+
   # Worker.new converts option Hashes while Ruby may move their values
   # (compaction): binary (non-UTF-8) Strings make the conversion allocate.
   it "builds Workers from tls: and h2_settings: Hashes of binary Strings and serves TLS with one" do

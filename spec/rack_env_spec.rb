@@ -23,7 +23,8 @@ RSpec.describe "the Rack env" do
       "REMOTE_ADDR" => "127.0.0.1", "HTTP_HOST" => "example.test:8080", "HTTP_USER_AGENT" => "spec",
       "HTTP_X_FORWARDED_FOR" => "10.0.0.1", "rack.version" => [1, 3], "rack.url_scheme" => "http",
       "rack.multithread" => true, "rack.multiprocess" => false, "rack.run_once" => false,
-      "rack.hijack?" => false, "rack.errors" => "#<IO>", "body" => "", "frozen_env" => false
+      "rack.hijack?" => true, "rack.hijack" => "#<Hyperion::Hijack>", "rack.after_reply" => [],
+      "rack.response_finished" => [], "rack.errors" => "#<IO>", "body" => "", "frozen_env" => false
     )
     expect(env.keys).not_to include("CONTENT_LENGTH", "CONTENT_TYPE")
   end

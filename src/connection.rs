@@ -19,12 +19,16 @@
 //! and buffers (8 KiB of read buffer and more) are dropped and only the socket
 //! is kept until the client sends again. Ten thousand idle connections then
 //! cost a few KiB each instead of ~13 KiB.
+//!
+//! A request may also take its HTTP/1.x connection back from hyper while it
+//! waits for its response (`rack.hijack`; see `takeover`): the task takes the
+//! socket from hyper the same way and runs the request's job with it.
 
 use std::io;
 use std::os::fd::{BorrowedFd, RawFd};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -33,6 +37,9 @@ use hyper::rt::{Read, ReadBufCursor, Write};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::time::Instant;
+
+use crate::takeover::{AfterTakeover, ConnectionStream, Taken, TakeoverPoint};
+use crate::written::WrittenNotice;
 
 /// How long a keep-alive connection stays idle before hyper's state is
 /// dropped (the socket stays open; see the module docs).
@@ -71,6 +78,10 @@ pub struct Activity {
     /// a distant deadline. Most request boundaries need no wake-up, which
     /// keeps keep-alive traffic free of per-request task wake-ups.
     changed: Notify,
+    /// A response whose last frame hyper has taken, waiting for hyper's
+    /// next flush of the socket to count as written (see `written`).
+    flush_notice: Mutex<Option<WrittenNotice>>,
+    awaiting_flush: AtomicBool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +108,8 @@ impl Activity {
             armed: AtomicU64::new(0),
             head_limit: AtomicU64::new(u64::MAX),
             changed: Notify::new(),
+            flush_notice: Mutex::new(None),
+            awaiting_flush: AtomicBool::new(false),
         })
     }
 
@@ -138,6 +151,24 @@ impl Activity {
         }
     }
 
+    /// hyper has taken a response's last frame: `notice` fires at its next
+    /// flush, which hyper makes once its write buffer is empty. Dropped
+    /// unfired if the connection ends first.
+    pub fn notify_at_next_flush(&self, notice: WrittenNotice) {
+        let replaced = lock(&self.flush_notice).replace(notice);
+        self.awaiting_flush.store(true, Ordering::Release);
+        drop(replaced);
+    }
+
+    fn on_flush(&self) {
+        if self.awaiting_flush.swap(false, Ordering::AcqRel) {
+            let notice = lock(&self.flush_notice).take();
+            if let Some(notice) = notice {
+                notice.fire();
+            }
+        }
+    }
+
     fn on_read(&self) {
         if !self.in_request() && self.head_started.load(Ordering::Acquire) == 0 {
             let now = self.now();
@@ -158,6 +189,8 @@ impl Activity {
             self.changed.notify_one();
         } else if !stalled && was != 0 {
             self.write_stalled.store(0, Ordering::Release);
+            // A takeover may be waiting for hyper's buffer to drain.
+            self.changed.notify_one();
         }
     }
 
@@ -301,12 +334,22 @@ impl<S: tokio::io::AsyncWrite + Unpin> Write for WatchedIo<S> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let flushed = Pin::new(&mut self.inner).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = flushed {
+            self.activity.on_flush();
+        }
+        flushed
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 const REQUEST_TIMEOUT: &[u8] =
@@ -340,6 +383,11 @@ pub trait Session<S>: std::future::Future<Output = SessionResult> + Unpin {
     fn multiplexed(&self) -> bool {
         false
     }
+    /// Bytes queued for the client outside hyper and not written yet
+    /// (103 Early Hints), taken before a takeover so they go out first.
+    fn take_unwritten(&mut self) -> Bytes {
+        Bytes::new()
+    }
 }
 
 enum SessionEnd {
@@ -349,18 +397,22 @@ enum SessionEnd {
     HeadTimedOut,
     /// Idle for `PARK_AFTER`: hand the socket back.
     Park,
+    /// A request asked for the connection (`takeover`).
+    TakeOver,
 }
 
 /// Serves a connection until it ends: runs hyper sessions over the socket,
 /// parking it between requests when it idles. `start` builds a session.
+/// `takeover`: where the requests of an HTTP/1.x connection ask for it.
 pub async fn serve<S, C>(
     mut io: WatchedIo<S>,
     start: impl Fn(WatchedIo<S>) -> C,
     activity: Arc<Activity>,
     timeouts: Timeouts,
     stop: &crate::stop::StopSignal,
+    takeover: Option<&TakeoverPoint>,
 ) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    S: ConnectionStream,
     C: Session<S>,
 {
     let head_limit = timeouts.read.min(timeouts.max_request_read);
@@ -370,10 +422,21 @@ pub async fn serve<S, C>(
     loop {
         // Boxed so that a parked connection's task holds no hyper state.
         let mut session = Box::new(start(io));
-        let end = drive(&mut *session, &activity, &timeouts, stop).await;
-        if let SessionEnd::Closed = end {
-            return;
-        }
+        let end = drive(&mut *session, &activity, &timeouts, stop, takeover).await;
+        let job = match end {
+            SessionEnd::Closed => return,
+            // Taken before hyper lets go of the request: its service future
+            // (dropped with the session) would drop the job otherwise.
+            SessionEnd::TakeOver => match takeover.and_then(TakeoverPoint::take_job) {
+                Some(job) => Some(job),
+                None => return,
+            },
+            SessionEnd::HeadTimedOut | SessionEnd::Park => None,
+        };
+        let unwritten = match job {
+            Some(_) => session.take_unwritten(),
+            None => Bytes::new(),
+        };
         let Some((socket, unparsed)) = unbox_into_io(session) else {
             return;
         };
@@ -397,6 +460,14 @@ pub async fn serve<S, C>(
         // Even when empty, `unparsed` owns hyper's whole read buffer: free it
         // before parking rather than at the end of this iteration.
         drop(unparsed);
+        if let Some(job) = job {
+            let Some((stream, leftover)) = run_takeover(job, io, unwritten, &timeouts).await else {
+                return;
+            };
+            // The job answered the request; HTTP goes on.
+            activity.response_finished();
+            io = WatchedIo::with_prefix(stream, activity.clone(), leftover);
+        }
         if io.prefix.is_empty() {
             // Parked: no hyper state, just the socket, until the client speaks.
             match wait_parked(&mut io, &activity, &timeouts, stop).await {
@@ -407,6 +478,56 @@ pub async fn serve<S, C>(
         // The next head has begun: its read timeout runs from now, and the
         // new session must not be parked before hyper reads the prefix.
         activity.on_read();
+    }
+}
+
+/// Runs a takeover job with the socket hyper gave back (its prefix holding
+/// the bytes read past the request), after writing `unwritten` (interim
+/// responses queued outside hyper). Returns the stream and the bytes to
+/// read first when the job resumes HTTP; `None` when the connection is no
+/// longer this task's.
+async fn run_takeover<S: ConnectionStream>(
+    job: Box<dyn crate::takeover::TakeoverJob>,
+    io: WatchedIo<S>,
+    unwritten: Bytes,
+    timeouts: &Timeouts,
+) -> Option<(S, Bytes)> {
+    let WatchedIo {
+        inner,
+        prefix: leftover,
+        ..
+    } = io;
+    let mut stream: Box<dyn ConnectionStream> = Box::new(inner);
+    if !unwritten.is_empty() {
+        let written = tokio::time::timeout(timeouts.write, stream.write_all(&unwritten)).await;
+        if !matches!(written, Ok(Ok(()))) {
+            // Dropping the job tells the request the connection is gone.
+            return None;
+        }
+    }
+    let taken = Taken {
+        stream,
+        leftover,
+        write_timeout: timeouts.write,
+    };
+    match job.run(taken).await {
+        AfterTakeover::Released => None,
+        AfterTakeover::Resume(taken) => match taken.stream.into_any().downcast::<S>() {
+            Ok(stream) => Some((*stream, taken.leftover)),
+            Err(_) => {
+                tracing::error!("a takeover job resumed HTTP on another stream; connection closed");
+                None
+            }
+        },
+    }
+}
+
+/// Resolves once a request of the connection asks for it (never without a
+/// takeover point).
+async fn takeover_requested(point: Option<&TakeoverPoint>) {
+    match point {
+        Some(point) => point.requested().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -462,19 +583,39 @@ where
 }
 
 /// Drives one session until the connection ends, a timeout expires, it has
-/// drained after a stop, or it idles long enough to park.
+/// drained after a stop, it idles long enough to park, or a request takes
+/// it over.
 async fn drive<S, C: Session<S>>(
     session: &mut C,
     activity: &Activity,
     timeouts: &Timeouts,
     stop: &crate::stop::StopSignal,
+    takeover: Option<&TakeoverPoint>,
 ) -> SessionEnd {
     let stopped = stop.stopped();
     tokio::pin!(stopped);
     let mut draining = false;
     // HTTP/1.1 after a stop: when the grace ends and hyper is told to close.
     let mut grace_ends: Option<Instant> = None;
+    // A request asked for the connection: it is taken once hyper has
+    // written all it buffered (an earlier pipelined response to a slow
+    // client), which `into_parts` would otherwise drop. Until then the
+    // write timeout applies as usual.
+    let mut taking_over = false;
     loop {
+        if taking_over && activity.write_stalled.load(Ordering::Acquire) == 0 {
+            // One more turn for hyper: what the request did before it asked
+            // (queueing 103 Early Hints) may have come after hyper's last
+            // poll in this round; it must reach hyper's side first.
+            let polled = std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut *session).poll(cx)));
+            if let Poll::Ready(result) = polled.await {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return SessionEnd::Closed;
+            }
+            return SessionEnd::TakeOver;
+        }
         // With no deadline (a request in flight), look again after
         // PARK_AFTER: the response may have finished by then.
         let multiplexed = session.multiplexed();
@@ -514,6 +655,7 @@ async fn drive<S, C: Session<S>>(
                 }
             }
             _ = activity.changed.notified() => continue,
+            _ = takeover_requested(takeover), if !taking_over => taking_over = true,
             _ = &mut stopped, if !draining => {
                 draining = true;
                 if multiplexed {
@@ -750,7 +892,15 @@ mod tests {
         let started = Instant::now();
         let serving = tokio::spawn(async move {
             let stop = crate::stop::StopSignal::default();
-            serve(io, |io| StalledHead(Some(io)), activity, timeouts, &stop).await
+            serve(
+                io,
+                |io| StalledHead(Some(io)),
+                activity,
+                timeouts,
+                &stop,
+                None,
+            )
+            .await
         });
         // The task now sleeps on the connection's read_timeout; the head's
         // first bytes must bring its deadline forward.
@@ -784,7 +934,7 @@ mod tests {
         };
         let stop = crate::stop::StopSignal::default();
         let io = WatchedIo::new(socket, activity.clone());
-        let serving = serve(io, start, activity, TIMEOUTS, &stop);
+        let serving = serve(io, start, activity, TIMEOUTS, &stop, None);
         tokio::pin!(serving);
         tokio::select! {
             _ = &mut serving => panic!("the connection ended instead of parking"),

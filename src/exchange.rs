@@ -18,6 +18,9 @@ use tokio::time::Instant;
 
 use crate::stats::StatsPage;
 
+/// Status recorded for an exchange whose connection the app took over.
+pub const HANDED_OVER: u16 = 101;
+
 /// Status recorded for an exchange whose client left before any response
 /// (nginx's "client closed request").
 pub const CLIENT_CLOSED: u16 = 499;
@@ -90,6 +93,12 @@ impl Exchange {
                 entry.request_id = response.headers().get(REQUEST_ID).cloned();
             }
         }
+    }
+
+    /// The app took the connection over (full hijack): nothing more is sent
+    /// by the server.
+    pub fn handed_over(&mut self) {
+        self.status = Some(HANDED_OVER);
     }
 
     /// `n` bytes of the response body were handed to the protocol.

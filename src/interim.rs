@@ -190,6 +190,19 @@ impl InterimQueue {
         lock(&self.state).bytes.push_back(bytes);
     }
 
+    /// Takes the bytes not written yet (a takeover writes them itself).
+    pub fn take_unwritten(&self) -> Bytes {
+        let mut state = lock(&self.state);
+        let mut out = BytesMut::new();
+        for bytes in state.bytes.drain(..) {
+            out.extend_from_slice(&bytes);
+        }
+        if let Some(waiter) = state.waiter.take() {
+            waiter.wake();
+        }
+        out.freeze()
+    }
+
     /// `Ready` once everything pushed has been written to the socket.
     pub fn poll_written(&self, cx: &mut Context<'_>) -> Poll<()> {
         let mut state = lock(&self.state);

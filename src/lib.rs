@@ -14,6 +14,8 @@ pub mod file_body;
 pub mod fork_safe;
 pub mod h2_settings;
 pub mod health;
+pub mod hijack;
+pub mod hijack_bridge;
 pub mod host;
 pub mod http2;
 pub mod interim;
@@ -29,9 +31,11 @@ pub mod server;
 pub mod session;
 pub mod stats;
 pub mod stop;
+pub mod takeover;
 pub mod tls;
 pub mod utc_time;
 pub mod wait;
+pub mod written;
 
 #[cfg(feature = "ruby")]
 mod ruby;

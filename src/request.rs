@@ -7,6 +7,7 @@ use tokio::sync::oneshot;
 use crate::body::RequestBody;
 use crate::interim::EarlyHints;
 use crate::response::AppResponse;
+use crate::takeover::TakeoverHandle;
 
 /// Facts about the listener a request arrived on, shared by all requests.
 #[derive(Debug)]
@@ -40,6 +41,8 @@ pub struct RequestData {
     pub server: Arc<ServerInfo>,
     /// `rack.early_hints`, when enabled (inert for an HTTP/1.0 client).
     pub early_hints: Option<EarlyHints>,
+    /// HTTP/1.x: the request may take its connection over (`rack.hijack`).
+    pub takeover: Option<TakeoverHandle>,
 }
 
 impl RequestData {

@@ -17,6 +17,7 @@ use tokio::runtime::Handle;
 use tokio::sync::{mpsc, Notify};
 
 use crate::file_body::FileBody;
+use crate::written::WrittenNotice;
 
 /// Chunks buffered between a streaming Ruby body and the socket.
 pub const STREAM_CAPACITY: usize = 16;
@@ -26,13 +27,29 @@ pub struct AppResponse {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: ResponseBody,
+    /// Someone waits for the response to be written (`written`).
+    pub written: Option<WrittenNotice>,
 }
 
 impl AppResponse {
+    pub fn new(status: StatusCode, headers: HeaderMap, body: ResponseBody) -> Self {
+        Self {
+            status,
+            headers,
+            body,
+            written: None,
+        }
+    }
+
+    /// The response for hyper or h2; a `WrittenNotice` rides in its
+    /// extensions.
     pub fn into_http(self) -> Response<ResponseBody> {
         let mut response = Response::new(self.body);
         *response.status_mut() = self.status;
         *response.headers_mut() = self.headers;
+        if let Some(notice) = self.written {
+            response.extensions_mut().insert(notice);
+        }
         response
     }
 }
@@ -260,11 +277,11 @@ impl AppResponse {
         if status == StatusCode::SERVICE_UNAVAILABLE {
             headers.insert(RETRY_AFTER, HeaderValue::from_static("1"));
         }
-        AppResponse {
+        AppResponse::new(
             status,
             headers,
-            body: ResponseBody::from_chunks(vec![Bytes::from(text)]),
-        }
+            ResponseBody::from_chunks(vec![Bytes::from(text)]),
+        )
     }
 }
 

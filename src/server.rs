@@ -42,6 +42,8 @@ use crate::response::{plain_response, ResponseBody};
 use crate::session::{http1_starter, sniff, Protocol, TrackedBody};
 use crate::stats::StatsPage;
 use crate::stop::StopSignal;
+use crate::takeover::{ConnectionStream, OpenRequest, TakeoverHandle, TakeoverPoint};
+use crate::written::WrittenNotice;
 use http_body::Body;
 use std::future::Future;
 use tokio_rustls::TlsAcceptor;
@@ -321,7 +323,7 @@ fn spawn_connection<S>(
     shared: &Arc<Shared>,
     held: Held,
 ) where
-    S: AsyncRead + AsyncWrite + AsRawFd + Peek + Unpin + Send + 'static,
+    S: ConnectionStream + AsRawFd + Peek,
 {
     let (info, shared) = (info.clone(), shared.clone());
     let peer = Peer {
@@ -345,7 +347,7 @@ async fn plaintext_task<S>(
     shared: Arc<Shared>,
     held: Held,
 ) where
-    S: AsyncRead + AsyncWrite + AsRawFd + Peek + Unpin + Send + 'static,
+    S: ConnectionStream + AsRawFd + Peek,
 {
     // Declared first, dropped last: the socket closes before the slot frees.
     let _held = held;
@@ -433,7 +435,7 @@ async fn serve_plaintext<S>(
     info: Arc<ServerInfo>,
     shared: Arc<Shared>,
 ) where
-    S: AsyncRead + AsyncWrite + AsRawFd + Peek + Unpin + Send + 'static,
+    S: ConnectionStream + AsRawFd + Peek,
 {
     if !take_proxy_header(&mut stream, &mut peer, &shared.options).await {
         return;
@@ -495,6 +497,9 @@ struct ConnectionContext {
     /// HTTP/1.1 with early hints on: the interim bytes the requests queue
     /// for the connection's `InterimIo`.
     interim: Option<Arc<InterimQueue>>,
+    /// HTTP/1.x: where a request asks to take the connection over
+    /// (`rack.hijack`).
+    takeover: Option<Arc<TakeoverPoint>>,
 }
 
 impl ConnectionContext {
@@ -512,7 +517,7 @@ impl ConnectionContext {
         });
         let started = self.activity.request_started();
         let deadline = started + options.max_request_read;
-        let mut exchange = self.exchange(&request, started);
+        let exchange = self.exchange(&request, started);
         let (early_hints, hints) = match &self.interim {
             None => (None, None),
             Some(_) if request.version() < http::Version::HTTP_11 => {
@@ -523,13 +528,29 @@ impl ConnectionContext {
                 (Some(early_hints), Some(hints))
             }
         };
+        let (takeover, open) = match &self.takeover {
+            Some(point) => {
+                let (handle, open) = point.open(request.version());
+                (Some(handle), Some(open))
+            }
+            None => (None, None),
+        };
         let context = self.clone();
+        let mut awaiting = AwaitingResponse {
+            exchange: Some(exchange),
+            open,
+        };
         async move {
-            let response = handle_request(request, deadline, &context, early_hints);
+            let response = handle_request(request, deadline, &context, early_hints, takeover);
             let mut response = match (hints, &context.interim) {
                 (Some(hints), Some(queue)) => interim::http1_exchange(queue, hints, response).await,
                 _ => response.await,
             };
+            if awaiting.open.as_ref().is_some_and(|open| !open.close()) {
+                // The request is taking the connection over: the task takes
+                // it from hyper, dropping this future with `awaiting`.
+                std::future::pending::<()>().await;
+            }
             // A stop has begun: tell a keep-alive client before closing.
             if last || context.shared.stop.is_stopped() {
                 response.headers_mut().insert(
@@ -537,13 +558,11 @@ impl ConnectionContext {
                     http::HeaderValue::from_static("close"),
                 );
             }
+            let mut exchange = awaiting.finish();
             exchange.responded(&response);
             let activity = context.activity.clone();
-            Ok(response.map(|body| TrackedBody {
-                body,
-                activity,
-                exchange,
-            }))
+            let written = response.extensions_mut().remove::<WrittenNotice>();
+            Ok(response.map(|body| TrackedBody::new(body, activity, exchange, written)))
         }
     }
 
@@ -560,6 +579,37 @@ impl ConnectionContext {
     }
 }
 
+/// An HTTP/1.x request's exchange while its response is awaited. When the
+/// app takes the connection over (`rack.hijack`), the connection's task
+/// drops the service future holding this: the exchange is then recorded as
+/// handed over, not as a client that left.
+struct AwaitingResponse {
+    exchange: Option<Exchange>,
+    open: Option<OpenRequest>,
+}
+
+impl AwaitingResponse {
+    /// The response is ready and will be sent.
+    fn finish(&mut self) -> Exchange {
+        self.open = None;
+        match self.exchange.take() {
+            Some(exchange) => exchange,
+            // `finish` is called once, from the one place that sends.
+            None => unreachable!("a request's exchange finished twice"),
+        }
+    }
+}
+
+impl Drop for AwaitingResponse {
+    fn drop(&mut self) {
+        if let (Some(exchange), Some(open)) = (&mut self.exchange, &self.open) {
+            if open.taken_over() {
+                exchange.handed_over();
+            }
+        }
+    }
+}
+
 /// Serves one connection until it ends, in `protocol` (HTTP/1.1 or 2);
 /// `prefix` holds bytes already read from it.
 async fn serve_connection<S>(
@@ -570,7 +620,7 @@ async fn serve_connection<S>(
     info: Arc<ServerInfo>,
     shared: Arc<Shared>,
 ) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: ConnectionStream,
 {
     let activity = Activity::new();
     let context = Arc::new(ConnectionContext {
@@ -581,6 +631,7 @@ async fn serve_connection<S>(
         served: AtomicU32::new(0),
         interim: (protocol == Protocol::Http1 && shared.options.early_hints)
             .then(|| Arc::new(InterimQueue::default())),
+        takeover: (protocol == Protocol::Http1).then(TakeoverPoint::new),
     });
     let options = &shared.options;
     let timeouts = Timeouts {
@@ -598,9 +649,10 @@ async fn serve_connection<S>(
     match protocol {
         Protocol::Http1 => {
             let interim = context.interim.clone();
+            let takeover = context.takeover.clone();
             let service = service_fn(move |request| context.respond_http1(request));
             let start = http1_starter(options, interim, service);
-            serve(io, start, activity, timeouts, stop).await;
+            serve(io, start, activity, timeouts, stop, takeover.as_deref()).await;
         }
         Protocol::Http2 => {
             let start = |io| {
@@ -611,13 +663,13 @@ async fn serve_connection<S>(
                     let context = context.clone();
                     async move {
                         let response =
-                            handle_request(request, deadline, &context, early_hints).await;
+                            handle_request(request, deadline, &context, early_hints, None).await;
                         (response, exchange)
                     }
                 };
                 H2Session::new(io, options, activity.clone(), respond)
             };
-            serve(io, start, activity.clone(), timeouts, stop).await;
+            serve(io, start, activity.clone(), timeouts, stop, None).await;
         }
     }
 }
@@ -671,12 +723,14 @@ const REFUSED_H2_BODY_TIME: Duration = Duration::from_secs(1);
 /// (or starts streaming it), queues it for the Ruby threads and waits for
 /// their answer. `deadline`: when the whole request (counted from its head's
 /// first byte) must have arrived. `early_hints`: the app's
-/// `rack.early_hints`, when enabled.
+/// `rack.early_hints`, when enabled; `takeover`: the request's right to
+/// take its HTTP/1.x connection over (`rack.hijack`).
 async fn handle_request<B>(
     request: Request<B>,
     deadline: Instant,
     context: &ConnectionContext,
     early_hints: Option<EarlyHints>,
+    takeover: Option<TakeoverHandle>,
 ) -> Response<ResponseBody>
 where
     B: Body<Data = Bytes> + Unpin + Send + 'static,
@@ -715,6 +769,7 @@ where
             client_cert: context.peer.client_cert.clone(),
             server: context.info.clone(),
             early_hints,
+            takeover,
         },
         reply,
     };
@@ -798,11 +853,11 @@ mod tests {
                         job.request.server.scheme,
                         job.request.server.port,
                     );
-                    let _ = job.reply.send(AppResponse {
-                        status: StatusCode::OK,
-                        headers: Default::default(),
-                        body: ResponseBody::from_chunks(vec![Bytes::from(text)]),
-                    });
+                    let _ = job.reply.send(AppResponse::new(
+                        StatusCode::OK,
+                        Default::default(),
+                        ResponseBody::from_chunks(vec![Bytes::from(text)]),
+                    ));
                 }
             })
         };
@@ -1069,6 +1124,180 @@ mod tests {
 
         shared.stop.stop();
         assert!(server.wait_stopped(&Notify::new()));
+        shared.queue.close();
+        consumer.join().unwrap();
+        server.shutdown();
+    }
+
+    /// A server whose "app" answers /hijack by taking the connection over:
+    /// on the socket it is handed it writes "<kind>:", reads one line,
+    /// answers "got <line>" and closes. Other paths get a plain answer.
+    fn hijack_server(
+        options: ServerOptions,
+    ) -> (Server, Arc<Shared>, u16, std::thread::JoinHandle<()>) {
+        let (endpoint, port) = plain_endpoint();
+        let shared = Shared::new(options, None);
+        let server = Server::start(vec![endpoint], shared.clone()).unwrap();
+        let consumer = {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                let flag = AtomicBool::new(false);
+                let consumer = shared.queue.consumer();
+                while let Pop::Job(job) = shared.queue.pop(&consumer, &flag) {
+                    if job.request.head.uri.path() == "/outside" {
+                        // Answered outside hyper, which then goes on.
+                        let takeover = job.request.takeover.clone().unwrap();
+                        takeover.take_over(Box::new(AnswerOutsideHyper)).unwrap();
+                        continue;
+                    }
+                    let Some(takeover) = (job.request.head.uri.path() == "/hijack")
+                        .then_some(job.request.takeover.clone())
+                        .flatten()
+                    else {
+                        let _ = job.reply.send(AppResponse::new(
+                            StatusCode::OK,
+                            Default::default(),
+                            ResponseBody::from_chunks(vec![Bytes::from_static(b"plain")]),
+                        ));
+                        continue;
+                    };
+                    let (hand_over, socket) = crate::hijack::HandOver::new(Bytes::new());
+                    takeover.take_over(hand_over).unwrap();
+                    let handed = socket.blocking_recv().unwrap().unwrap();
+                    // The reply is dropped unsent, as Ruby's would be.
+                    drop(job);
+                    std::thread::spawn(move || {
+                        let mut app = std::os::unix::net::UnixStream::from(handed.fd);
+                        app.set_nonblocking(false).unwrap();
+                        let _ = app.write_all(format!("{:?}:", handed.kind).as_bytes());
+                        let mut line = Vec::new();
+                        let mut byte = [0u8; 1];
+                        while app.read_exact(&mut byte).is_ok() && byte[0] != b'\n' {
+                            line.push(byte[0]);
+                        }
+                        let answer = format!("got {}", String::from_utf8_lossy(&line));
+                        let _ = app.write_all(answer.as_bytes());
+                    });
+                }
+            })
+        };
+        (server, shared, port, consumer)
+    }
+
+    /// The seam for responses written outside hyper (sendfile): writes a
+    /// whole response through the stream, then resumes HTTP.
+    struct AnswerOutsideHyper;
+
+    impl crate::takeover::TakeoverJob for AnswerOutsideHyper {
+        fn run(self: Box<Self>, mut taken: crate::takeover::Taken) -> crate::takeover::JobFuture {
+            Box::pin(async move {
+                use tokio::io::AsyncWriteExt;
+                let written = taken
+                    .stream
+                    .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 7\r\n\r\noutside")
+                    .await;
+                match written {
+                    Ok(()) => crate::takeover::AfterTakeover::Resume(taken),
+                    Err(_) => crate::takeover::AfterTakeover::Released,
+                }
+            })
+        }
+    }
+
+    fn stop_server(mut server: Server, shared: Arc<Shared>, consumer: std::thread::JoinHandle<()>) {
+        shared.stop.stop();
+        assert!(server.wait_stopped(&Notify::new()));
+        shared.queue.close();
+        consumer.join().unwrap();
+        server.shutdown();
+    }
+
+    #[test]
+    fn a_takeover_gets_the_socket_itself_or_a_bridge_with_the_bytes_read_ahead_first() {
+        let (server, shared, port, consumer) = hijack_server(ServerOptions::default());
+        // Bytes right behind the request: hyper has read them, so the app
+        // gets a bridged socketpair that delivers them first.
+        let out = exchange(port, b"GET /hijack HTTP/1.1\r\nHost: x\r\n\r\nearly\n");
+        assert_eq!(
+            out, "Unix:got early",
+            "no HTTP from the server after a takeover"
+        );
+
+        // Nothing read ahead (the client sends its line only once the app
+        // has the connection): the client's own TCP socket.
+        let mut client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        client
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        client
+            .write_all(b"GET /hijack HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut kind = [0u8; 4];
+        client.read_exact(&mut kind).unwrap();
+        assert_eq!(&kind, b"Tcp:");
+        client.write_all(b"late\n").unwrap();
+        let mut out = String::new();
+        client.read_to_string(&mut out).unwrap();
+        assert_eq!(out, "got late");
+
+        // After a pipelined request, its response first.
+        let out = exchange(
+            port,
+            b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /hijack HTTP/1.1\r\nHost: x\r\n\r\npipelined\n",
+        );
+        assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
+        assert!(out.ends_with("\r\n\r\nplainUnix:got pipelined"), "{out}");
+        stop_server(server, shared, consumer);
+    }
+
+    #[test]
+    fn a_takeover_can_answer_outside_hyper_then_resume_http_with_the_bytes_read_ahead() {
+        let (server, shared, port, consumer) = hijack_server(ServerOptions::default());
+        // The second request is read ahead with the first: it goes back to
+        // the new hyper session, and keep-alive goes on.
+        let out = exchange(
+            port,
+            b"GET /outside HTTP/1.1\r\nHost: x\r\n\r\nGET /a HTTP/1.1\r\nHost: x\r\n\r\n\
+              GET /outside HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        let bodies: Vec<&str> = out
+            .split("HTTP/1.1 200 OK\r\n")
+            .skip(1)
+            .map(|response| response.split("\r\n\r\n").nth(1).unwrap())
+            .collect();
+        assert_eq!(bodies, ["outside", "plain", "outside", "plain"], "{out}");
+        stop_server(server, shared, consumer);
+    }
+
+    #[test]
+    fn a_taken_over_connection_leaves_the_drain_and_frees_its_connection_slot() {
+        let options = ServerOptions {
+            max_connections: Some(1),
+            ..ServerOptions::default()
+        };
+        let (mut server, shared, port, consumer) = hijack_server(options);
+        let mut hijacked = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        hijacked
+            .write_all(b"GET /hijack HTTP/1.1\r\nHost: x\r\n\r\n")
+            .unwrap();
+        let mut kind = [0u8; 4];
+        hijacked.read_exact(&mut kind).unwrap();
+        // The only slot is free again once the connection is the app's.
+        let out = exchange(
+            port,
+            b"GET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert!(out.ends_with("plain"), "{out}");
+        // The hijacked connection, still open, does not hold up a stop.
+        shared.stop.stop();
+        assert!(server.wait_stopped(&Notify::new()));
+        hijacked.write_all(b"after stop\n").unwrap();
+        hijacked
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        let mut out = String::new();
+        hijacked.read_to_string(&mut out).unwrap();
+        assert!(out.ends_with("got after stop"), "{out}");
         shared.queue.close();
         consumer.join().unwrap();
         server.shutdown();

@@ -21,6 +21,7 @@ use crate::exchange::Exchange;
 use crate::interim::{InterimIo, InterimQueue};
 use crate::response::{ResponseBody, StreamAborted};
 use crate::server::ServerOptions;
+use crate::written::WrittenNotice;
 
 /// Which HTTP a connection speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,8 +62,12 @@ pub async fn sniff<S: AsyncRead + Unpin>(
     Some((protocol, seen.freeze()))
 }
 
-/// hyper's HTTP/1.1 connection as a `connection::Session`.
-pub struct Http1Session<S, Svc>(http1::Connection<InterimIo<WatchedIo<S>>, Svc>)
+/// hyper's HTTP/1.1 connection as a `connection::Session`, with the queue
+/// of interim bytes its IO writes (when early hints are on).
+pub struct Http1Session<S, Svc>(
+    http1::Connection<InterimIo<WatchedIo<S>>, Svc>,
+    Option<Arc<InterimQueue>>,
+)
 where
     Svc: HttpService<Incoming>;
 
@@ -89,7 +94,7 @@ where
         .keep_alive(true);
     move |io| {
         let io = InterimIo::new(io, interim.clone());
-        Http1Session(h1.serve_connection(io, service.clone()))
+        Http1Session(h1.serve_connection(io, service.clone()), interim.clone())
     }
 }
 
@@ -122,18 +127,54 @@ where
         let parts = self.0.into_parts();
         Some((parts.io.into_inner(), parts.read_buf))
     }
+
+    fn take_unwritten(&mut self) -> Bytes {
+        self.1
+            .as_ref()
+            .map_or_else(Bytes::new, |queue| queue.take_unwritten())
+    }
 }
 
 /// A response body that tells the connection when hyper is done with it, so
-/// the idle timer starts then; its exchange (stats, access log) ends then too.
+/// the idle timer starts then; its exchange (stats, access log) ends then
+/// too; and, when someone waits for the response to be written (`written`),
+/// it hands their notice to the connection once hyper has taken the last
+/// frame.
 pub struct TrackedBody {
-    pub body: ResponseBody,
-    pub activity: Arc<Activity>,
-    pub exchange: Exchange,
+    body: ResponseBody,
+    activity: Arc<Activity>,
+    exchange: Exchange,
+    written: Option<WrittenNotice>,
+    /// The body yielded its end (a stream's end is only seen by polling).
+    ended: bool,
+}
+
+impl TrackedBody {
+    pub fn new(
+        body: ResponseBody,
+        activity: Arc<Activity>,
+        exchange: Exchange,
+        written: Option<WrittenNotice>,
+    ) -> Self {
+        Self {
+            body,
+            activity,
+            exchange,
+            written,
+            ended: false,
+        }
+    }
 }
 
 impl Drop for TrackedBody {
     fn drop(&mut self) {
+        if let Some(notice) = self.written.take() {
+            // Dropped before its end: the response was cut short, and the
+            // notice goes unfired.
+            if self.ended || self.body.is_end_stream() {
+                self.activity.notify_at_next_flush(notice);
+            }
+        }
         self.activity.response_finished();
     }
 }
@@ -146,14 +187,19 @@ impl Body for TrackedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, StreamAborted>>> {
-        let polled = Pin::new(&mut self.body).poll_frame(cx);
-        if let Poll::Ready(Some(Ok(frame))) = &polled {
-            if let Some(data) = frame.data_ref() {
-                let sent = data.len();
-                self.exchange.sent(sent);
-            }
+        let frame = Pin::new(&mut self.body).poll_frame(cx);
+        match &frame {
+            Poll::Ready(None) => self.ended = true,
+            Poll::Ready(Some(Ok(frame))) => match frame.data_ref() {
+                Some(data) => {
+                    let sent = data.len();
+                    self.exchange.sent(sent);
+                }
+                None => self.ended = frame.is_trailers(),
+            },
+            _ => {}
         }
-        polled
+        frame
     }
 
     fn is_end_stream(&self) -> bool {

@@ -14,7 +14,10 @@ module Hyperion
   # A configuration or command-line value that cannot work.
   class ConfigError < Error; end
 
-  # Raised inside a streaming body's #each when the client has gone away, so
-  # the iteration stops; the server catches it.
-  class ClientDisconnected < Error; end
+  # The client has gone away: raised inside a streaming body's #each (so the
+  # iteration stops; the server catches it), by a Rack 3 stream's #write,
+  # and by rack.hijack when the connection is gone. An IOError, as a real
+  # socket's error would be, so apps that rescue IOError handle it; the one
+  # error here that is not a Hyperion::Error.
+  class ClientDisconnected < IOError; end
 end

@@ -15,6 +15,7 @@
 
 mod control_budget;
 mod date;
+pub(crate) use date::now as http_date;
 mod frame_scanner;
 mod recv_body;
 mod session;

@@ -27,6 +27,7 @@ use super::session::ConnectionShared;
 use crate::exchange::Exchange;
 use crate::interim::InterimReceiver;
 use crate::response::ResponseBody;
+use crate::written::WrittenNotice;
 
 /// What a stream's handler produces: the response, and the exchange that
 /// records it (stats, access log) when the stream's task ends.
@@ -66,6 +67,8 @@ pin_project! {
         hints: Option<InterimReceiver>,
         // Once the response is known; dropped with the task.
         exchange: Option<Exchange>,
+        // Fired once the response's end is handed to h2 (see `written`).
+        written: Option<WrittenNotice>,
         #[pin]
         state: State<F>,
     }
@@ -93,6 +96,7 @@ impl<F> StreamTask<F> {
             finished,
             hints,
             exchange: None,
+            written: None,
             state: State::Waiting { response },
         }
     }
@@ -114,7 +118,7 @@ where
                             send_early_hints(this.respond, fields);
                         }
                     }
-                    let response = match response.poll(cx) {
+                    let mut response = match response.poll(cx) {
                         Poll::Ready((response, mut exchange)) => {
                             exchange.responded(&response);
                             *this.exchange = Some(exchange);
@@ -131,15 +135,29 @@ where
                             send_early_hints(this.respond, fields);
                         }
                     }
+                    *this.written = response.extensions_mut().remove::<WrittenNotice>();
                     match send_head(this.respond, response, *this.head_only) {
-                        Some((send, body)) => this.state.set(State::Sending {
+                        Ok(Some((send, body))) => this.state.set(State::Sending {
                             pipe: BodyPipe::new(send, body),
                         }),
-                        None => return Poll::Ready(StreamEnd::Done),
+                        Ok(None) => {
+                            if let Some(written) = this.written.take() {
+                                written.fire();
+                            }
+                            return Poll::Ready(StreamEnd::Done);
+                        }
+                        Err(()) => return Poll::Ready(StreamEnd::Done),
                     }
                 }
                 StateProj::Sending { pipe } => {
-                    return pipe.poll(cx, &this.finished.0, this.exchange.as_mut())
+                    let end =
+                        std::task::ready!(pipe.poll(cx, &this.finished.0, this.exchange.as_mut()));
+                    if pipe.completed {
+                        if let Some(written) = this.written.take() {
+                            written.fire();
+                        }
+                    }
+                    return Poll::Ready(end);
                 }
             }
         }
@@ -156,12 +174,13 @@ fn send_early_hints(respond: &mut SendResponse<Bytes>, fields: HeaderMap) {
     }
 }
 
-/// Sends the response head; returns where its body goes, if it has one.
+/// Sends the response head; returns where its body goes, if it has one
+/// (`Ok(None)`: the head ended the stream). `Err`: the stream was reset.
 fn send_head(
     respond: &mut SendResponse<Bytes>,
     response: Response<ResponseBody>,
     head_only: bool,
-) -> Option<(SendStream<Bytes>, ResponseBody)> {
+) -> Result<Option<(SendStream<Bytes>, ResponseBody)>, ()> {
     let (mut head, body) = response.into_parts();
     strip_connection_fields(&mut head.headers);
     head.headers.entry(DATE).or_insert_with(super::date::now);
@@ -174,11 +193,11 @@ fn send_head(
         }
     }
     match respond.send_response(Response::from_parts(head, ()), ends) {
-        Ok(send) => (!ends).then_some((send, body)),
+        Ok(send) => Ok((!ends).then_some((send, body))),
         Err(e) => {
             tracing::debug!(error = %e, "could not send an HTTP/2 response head");
             respond.send_reset(Reason::INTERNAL_ERROR);
-            None
+            Err(())
         }
     }
 }
@@ -217,6 +236,8 @@ struct BodyPipe {
     pending_ends: bool,
     /// Set while `pending` waits for capacity the client does not grant.
     stall: Option<Stall>,
+    /// The body's end (last DATA or trailers) was handed to h2.
+    completed: bool,
 }
 
 struct Stall {
@@ -235,6 +256,7 @@ impl BodyPipe {
             pending: Bytes::new(),
             pending_ends: false,
             stall: None,
+            completed: false,
         }
     }
 
@@ -268,7 +290,9 @@ impl BodyPipe {
                 if let Some(exchange) = exchange.as_deref_mut() {
                     exchange.sent(piece.len());
                 }
-                if self.send.send_data(piece, ends).is_err() || ends {
+                let sent = self.send.send_data(piece, ends).is_ok();
+                if !sent || ends {
+                    self.completed = sent;
                     return Poll::Ready(StreamEnd::Done);
                 }
                 continue;
@@ -281,7 +305,7 @@ impl BodyPipe {
                         let ends = self.body.is_end_stream();
                         if data.is_empty() {
                             if ends {
-                                let _ = self.send.send_data(Bytes::new(), true);
+                                self.completed = self.send.send_data(Bytes::new(), true).is_ok();
                                 return Poll::Ready(StreamEnd::Done);
                             }
                             continue;
@@ -292,7 +316,7 @@ impl BodyPipe {
                     }
                     Err(frame) => {
                         if let Ok(fields) = frame.into_trailers() {
-                            let _ = self.send.send_trailers(fields);
+                            self.completed = self.send.send_trailers(fields).is_ok();
                             return Poll::Ready(StreamEnd::Done);
                         }
                     }
@@ -303,7 +327,7 @@ impl BodyPipe {
                     return Poll::Ready(StreamEnd::Done);
                 }
                 Poll::Ready(None) => {
-                    let _ = self.send.send_data(Bytes::new(), true);
+                    self.completed = self.send.send_data(Bytes::new(), true).is_ok();
                     return Poll::Ready(StreamEnd::Done);
                 }
             }

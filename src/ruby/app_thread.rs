@@ -18,8 +18,8 @@ use magnus::{Error, Ruby, Value};
 
 use super::env::{build_env, EnvFlags};
 use super::errors::{is_non_local_exit, log_exception};
+use super::exchange::Exchange;
 use super::nogvl::wait_interruptibly;
-use super::response::{respond, Reply};
 use crate::dispatch::{Consumer, Pop};
 use crate::request::Job;
 use crate::response::AppResponse;
@@ -92,30 +92,26 @@ fn next_job(context: &AppContext, consumer: &Consumer<'_, Job>) -> Result<Option
     )
 }
 
-/// Answers one job. An app exception becomes a 500; a non-local exit also
-/// answers 500 (or cuts the response short) and is then passed on to end the
-/// thread.
+/// Answers one job (`Exchange`: the response, hijack, callbacks). An app
+/// exception becomes a 500; a non-local exit also answers 500 (or cuts the
+/// response short) and is then passed on to end the thread.
 fn run_job(ruby: &Ruby, context: &AppContext, app: Value, job: Job) -> Result<(), Error> {
-    let Job { request, reply } = job;
+    let Job { mut request, reply } = job;
     let head_only = request.is_head();
-    let result = build_env(ruby, request, context.env_flags, &context.runtime)
-        .and_then(|env| app.funcall::<_, _, Value>("call", (env,)));
-    match result {
-        Ok(rack_response) => {
-            let reply = Reply {
-                sender: reply,
-                runtime: &context.runtime,
-                head_only,
-            };
-            respond(ruby, rack_response, reply)
-        }
+    let takeover = request.takeover.take();
+    let exchange = build_env(ruby, request, context.env_flags, &context.runtime)
+        .and_then(|env| Exchange::begin(ruby, env, takeover, &context.runtime));
+    let exchange = match exchange {
+        Ok(exchange) => exchange,
         Err(error) => {
             let _ = reply.send(AppResponse::plain(StatusCode::INTERNAL_SERVER_ERROR, false));
             if is_non_local_exit(&error) {
                 return Err(error);
             }
-            log_exception("app raised", &error);
-            Ok(())
+            log_exception("could not build the env", &error);
+            return Ok(());
         }
-    }
+    };
+    let called = app.funcall::<_, _, Value>("call", (exchange.env(),));
+    exchange.finish(ruby, called, reply, &context.runtime, head_only)
 }

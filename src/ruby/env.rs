@@ -33,6 +33,8 @@ pub(crate) fn build_env(
         client_cert,
         server,
         early_hints,
+        // `super::exchange` adds rack.hijack? and rack.hijack.
+        takeover: _,
     } = request;
     let env = ruby.hash_new();
     let set = |key: &Lazy<RString>, value: Value| env.aset(ruby.get_inner(key), value);
@@ -95,7 +97,6 @@ pub(crate) fn build_env(
     set(&RACK_MULTITHREAD, flags.multithread.into_value_with(ruby))?;
     set(&RACK_MULTIPROCESS, flags.multiprocess.into_value_with(ruby))?;
     set(&RACK_RUN_ONCE, ruby.qfalse().as_value())?;
-    set(&RACK_HIJACK_P, ruby.qfalse().as_value())?;
     if let Some(hints) = early_hints {
         let callable = ruby.obj_wrap(super::early_hints::EarlyHints::new(hints));
         set(&RACK_EARLY_HINTS, callable.as_value())?;

@@ -36,6 +36,10 @@ interned! {
     RACK_MULTIPROCESS = "rack.multiprocess";
     RACK_RUN_ONCE = "rack.run_once";
     RACK_HIJACK_P = "rack.hijack?";
+    RACK_HIJACK = "rack.hijack";
+    RACK_HIJACK_IO = "rack.hijack_io";
+    RACK_AFTER_REPLY = "rack.after_reply";
+    RACK_RESPONSE_FINISHED = "rack.response_finished";
     RACK_EARLY_HINTS = "rack.early_hints";
     HTTPS_KEY = "HTTPS";
     ON = "on";
@@ -90,6 +94,8 @@ pub(crate) fn check_constants(ruby: &Ruby) -> Result<(), magnus::Error> {
         "Hyperion::BindError",
         "Hyperion::TLSError",
         "Hyperion::ClientDisconnected",
+        "TCPSocket",
+        "UNIXSocket",
     ] {
         ruby.class_object()
             .funcall::<_, _, magnus::Value>("const_get", (path,))?;

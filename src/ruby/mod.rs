@@ -1,10 +1,13 @@
 //! Ruby bindings (magnus). One file per concern; no server logic lives here.
 
 mod app_thread;
+mod callbacks;
 mod control;
 mod early_hints;
 mod env;
 mod errors;
+mod exchange;
+mod hijack;
 mod keys;
 mod nogvl;
 mod options;
@@ -12,6 +15,7 @@ mod pinned;
 mod remote_address;
 mod response;
 mod stats;
+mod stream_body;
 mod stream_input;
 mod worker;
 
@@ -23,6 +27,8 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     let module = ruby.define_module("Hyperion")?;
     stream_input::init(ruby, module)?;
     early_hints::init(ruby, module)?;
+    hijack::init(ruby, module)?;
+    stream_body::init(ruby, module)?;
     pinned::init(ruby, module)?;
     stats::init(ruby, module)?;
     control::init(module)?;

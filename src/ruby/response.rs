@@ -1,12 +1,17 @@
 //! Turns a Rack response triple into an `AppResponse` for the tokio side.
 //! Whatever happens, the body's `close` is called exactly once.
 //!
+//! Two responses leave hyper's path: a `rack.hijack` header (partial
+//! hijack, `super::hijack`) and a body that responds to `call` and not
+//! `each` (Rack 3 streaming, `super::stream_body`).
+//!
 //! A response that breaks the Rack SPEC, or whose objects raise while it is
 //! converted, becomes a 500 (or an aborted stream once bytes went out). A
 //! non-local exit inside the app's objects (`Thread#kill` or process exit in
 //! a body's `each`/`to_ary`/`close` or a headers `each`) is never swallowed:
 //! the body is closed, then the exit is returned so it ends the thread.
 
+use std::cell::Cell;
 use std::os::unix::ffi::OsStrExt;
 use std::sync::{Arc, Mutex};
 
@@ -19,11 +24,15 @@ use magnus::value::Opaque;
 use magnus::{Error, Integer, RArray, RHash, RString, Ruby, Symbol, TryConvert, Value};
 use tokio::sync::{oneshot, Notify};
 
-use super::errors::{class_of, is_non_local_exit, log_exception, CLIENT_DISCONNECTED};
+use super::errors::{
+    class_of, is_non_local_exit, log_exception, CLIENT_DISCONNECTED, HYPERION_ERROR,
+};
 use super::nogvl::wait_interruptibly;
 use crate::file_body::FileBody;
 use crate::fork_safe::ForkSafe;
 use crate::response::{AppResponse, BodySender, ResponseBody, SendError};
+use crate::takeover::TakeoverHandle;
+use crate::written::WrittenNotice;
 
 /// Where the response goes, and what the tokio side needs to stream it.
 pub(crate) struct Reply<'a> {
@@ -31,6 +40,17 @@ pub(crate) struct Reply<'a> {
     pub runtime: &'a tokio::runtime::Handle,
     /// HEAD: headers only, the body is closed without being iterated.
     pub head_only: bool,
+    /// HTTP/1.x: the request may take its connection over (a partial
+    /// hijack, a 101 with a streaming body).
+    pub takeover: Option<&'a TakeoverHandle>,
+    /// Rides with the response when callbacks wait for it to be written.
+    pub written: Option<WrittenNotice>,
+    /// `rack.input`, which a streaming body's `read` reads.
+    pub input: Value,
+    /// Set to the exception that cut the response short (a 500 for an
+    /// invalid response, a body that raised, a client gone), for
+    /// `rack.response_finished`.
+    pub failure: &'a Cell<Option<Value>>,
 }
 
 /// A Rack response that breaks the SPEC, answered with 500.
@@ -64,17 +84,54 @@ fn failure(context: &str, error: Error) -> Failure {
 pub(crate) fn respond(ruby: &Ruby, rack_response: Value, reply: Reply<'_>) -> Result<(), Error> {
     let (status, headers, body) = match unpack(rack_response) {
         Ok(parts) => parts,
-        Err(failed) => return answer_failure(reply.sender, failed),
+        Err(failed) => return answer_failure(reply.sender, reply.failure, failed),
     };
+    let mut hijack = None;
     let head = convert_status(status)
         .map_err(Failure::from)
-        .and_then(|status| Ok((status, convert_headers(ruby, headers)?)));
-    let exit = match head {
-        Ok((status, headers)) => send_body(ruby, status, headers, body, reply).err(),
-        Err(failed) => answer_failure(reply.sender, failed).err(),
+        .and_then(|status| Ok((status, convert_headers(ruby, headers, Some(&mut hijack))?)));
+    let exit = match (head, hijack) {
+        (Ok((status, headers)), None) => send_body(ruby, status, headers, body, reply).err(),
+        (Ok((status, headers)), Some(callable)) => {
+            partial_hijack(ruby, status, &headers, callable, reply).err()
+        }
+        (Err(failed), _) => answer_failure(reply.sender, reply.failure, failed).err(),
     };
     let closed = close_body(body);
     exit.map_or(closed, Err)
+}
+
+/// A response with a `rack.hijack` header: its status and headers go out,
+/// then the callable gets the connection (`super::hijack::partial`). The body
+/// is ignored (and closed by the caller).
+fn partial_hijack(
+    ruby: &Ruby,
+    status: StatusCode,
+    headers: &HeaderMap,
+    callable: Value,
+    reply: Reply<'_>,
+) -> Result<(), Error> {
+    let Some(takeover) = reply.takeover else {
+        send_error(
+            reply.sender,
+            "rack.hijack is not available over HTTP/2 (a rack.hijack response header was given)",
+        );
+        reply
+            .failure
+            .set(invalid_error("rack.hijack is not available over HTTP/2"));
+        return Ok(());
+    };
+    // Kept until the connection is taken: dropping it would answer 503.
+    let _held = reply.sender;
+    let failed = super::hijack::partial(ruby, status, headers, callable, takeover, reply.runtime)?;
+    match (failed, reply.written) {
+        (Some(failed), _) => reply.failure.set(Some(failed)),
+        // The head went out before the callable was called: what Hyperion
+        // had to write is written.
+        (None, Some(written)) => written.fire(),
+        (None, None) => {}
+    }
+    Ok(())
 }
 
 fn unpack(rack_response: Value) -> Result<(Value, Value, Value), Failure> {
@@ -98,11 +155,17 @@ fn unpack(rack_response: Value) -> Result<(Value, Value, Value), Failure> {
     }
 }
 
-/// Answers a response that cannot be sent: 500, and an exit passed on.
-fn answer_failure(sender: oneshot::Sender<AppResponse>, failed: Failure) -> Result<(), Error> {
+/// Answers a response that cannot be sent: 500 (reported through
+/// `failure`), and an exit passed on.
+fn answer_failure(
+    sender: oneshot::Sender<AppResponse>,
+    failure: &Cell<Option<Value>>,
+    failed: Failure,
+) -> Result<(), Error> {
     match failed {
         Failure::Invalid(message) => {
             send_error(sender, &message);
+            failure.set(invalid_error(&message));
             Ok(())
         }
         Failure::Exit(exit) => {
@@ -116,19 +179,29 @@ fn answer_failure(sender: oneshot::Sender<AppResponse>, failed: Failure) -> Resu
 /// response's are (for `rack.early_hints`): what is invalid raises
 /// ArgumentError; a non-local exit passes through.
 pub(crate) fn header_fields(ruby: &Ruby, headers: Value) -> Result<HeaderMap, Error> {
-    convert_headers(ruby, headers).map_err(|failed| match failed {
+    convert_headers(ruby, headers, None).map_err(|failed| match failed {
         Failure::Invalid(message) => Error::new(ruby.exception_arg_error(), message),
         Failure::Exit(exit) => exit,
     })
 }
 
-fn send_error(sender: oneshot::Sender<AppResponse>, message: &str) {
+pub(crate) fn send_error(sender: oneshot::Sender<AppResponse>, message: &str) {
     tracing::error!("invalid Rack response: {message}");
     let _ = sender.send(AppResponse::plain(StatusCode::INTERNAL_SERVER_ERROR, false));
 }
 
+/// A `Hyperion::Error` saying why a response was refused, for
+/// `rack.response_finished`.
+fn invalid_error(message: &str) -> Option<Value> {
+    let ruby = Ruby::get().ok()?;
+    ruby.get_inner(&HYPERION_ERROR)
+        .new_instance((format!("invalid Rack response: {message}"),))
+        .ok()
+        .map(|e| e.as_value())
+}
+
 /// Calls `close` once; an exception is logged, an exit returned.
-fn close_body(body: Value) -> Result<(), Error> {
+pub(crate) fn close_body(body: Value) -> Result<(), Error> {
     if !body.respond_to("close", false).unwrap_or(false) {
         return Ok(());
     }
@@ -157,10 +230,21 @@ fn convert_status(status: Value) -> Result<StatusCode, Invalid> {
         .ok_or_else(|| Invalid(format!("status {code} is out of range")))
 }
 
-fn convert_headers(ruby: &Ruby, headers: Value) -> Result<HeaderMap, Failure> {
+/// Converts a Rack headers object. `hijack`, when given, receives the value
+/// of a `rack.hijack` entry (a partial hijack's callable).
+fn convert_headers(
+    ruby: &Ruby,
+    headers: Value,
+    mut hijack: Option<&mut Option<Value>>,
+) -> Result<HeaderMap, Failure> {
     let mut map = HeaderMap::new();
     let mut problem = None;
-    let mut add = |name: Value, value: Value| match add_header(&mut map, name, value) {
+    let mut add = |name: Value, value: Value| match add_header(
+        &mut map,
+        name,
+        value,
+        hijack.as_deref_mut(),
+    ) {
         Ok(()) => ForEach::Continue,
         Err(failed) => {
             problem = Some(failed);
@@ -208,7 +292,12 @@ fn convert_headers(ruby: &Ruby, headers: Value) -> Result<HeaderMap, Failure> {
     Ok(map)
 }
 
-fn add_header(map: &mut HeaderMap, name: Value, value: Value) -> Result<(), Failure> {
+fn add_header(
+    map: &mut HeaderMap,
+    name: Value,
+    value: Value,
+    hijack: Option<&mut Option<Value>>,
+) -> Result<(), Failure> {
     let Some(name) = RString::from_value(name) else {
         return Err(Failure::Invalid(format!(
             "header name must be a String, got {}",
@@ -219,6 +308,11 @@ fn add_header(map: &mut HeaderMap, name: Value, value: Value) -> Result<(), Fail
     let name_bytes = unsafe { name.as_slice() }.to_vec();
     let lowered = name_bytes.to_ascii_lowercase();
     if lowered.starts_with(b"rack.") || lowered == b"status" {
+        if let (b"rack.hijack", Some(hijack)) = (lowered.as_slice(), hijack) {
+            if !value.is_nil() {
+                *hijack = Some(value);
+            }
+        }
         return Ok(());
     }
     let header = HeaderName::from_bytes(&name_bytes).map_err(|_| {
@@ -304,7 +398,7 @@ fn trailers(ruby: &Ruby, body: Value) -> Result<Option<HeaderMap>, Failure> {
     if fields.is_nil() {
         return Ok(None);
     }
-    convert_headers(ruby, fields).map(Some)
+    convert_headers(ruby, fields, None).map(Some)
 }
 
 /// Statuses whose responses carry no content (RFC 9110 §6.4.1, §15.3.6).
@@ -376,14 +470,19 @@ fn send_body(
     body: Value,
     reply: Reply<'_>,
 ) -> Result<(), Error> {
+    let reported = reply.failure;
+    let written = reply.written.clone();
     let respond = |body: ResponseBody, headers: HeaderMap, sender: oneshot::Sender<AppResponse>| {
-        let _ = sender.send(AppResponse {
-            status,
-            headers,
-            body,
-        });
+        let mut response = AppResponse::new(status, headers, body);
+        response.written = written;
+        let _ = sender.send(response);
         Ok(())
     };
+    let streamed_by_call = !body.respond_to("each", false).unwrap_or(false)
+        && body.respond_to("call", false).unwrap_or(false);
+    if streamed_by_call && status == StatusCode::SWITCHING_PROTOCOLS && !reply.head_only {
+        return super::stream_body::respond(ruby, status, headers, body, reply);
+    }
     if status == StatusCode::RESET_CONTENT {
         // 205 must say it has no content, whatever the app declared.
         headers.insert(CONTENT_LENGTH, HeaderValue::from(0));
@@ -405,14 +504,17 @@ fn send_body(
         }
         return respond(ResponseBody::Empty, headers, reply.sender);
     }
+    if streamed_by_call {
+        return super::stream_body::respond(ruby, status, headers, body, reply);
+    }
     match file_body(body, status, &headers) {
         Ok(Some(file)) => return respond(ResponseBody::File(file), headers, reply.sender),
         Ok(None) => {}
-        Err(failed) => return answer_failure(reply.sender, failed),
+        Err(failed) => return answer_failure(reply.sender, reported, failed),
     }
     let array = match body_array(body) {
         Ok(array) => array,
-        Err(failed) => return answer_failure(reply.sender, failed),
+        Err(failed) => return answer_failure(reply.sender, reported, failed),
     };
     if let Some(array) = array {
         let response_body = array_items(array)
@@ -431,12 +533,16 @@ fn send_body(
             });
         return match response_body {
             Ok(response_body) => respond(response_body, headers, reply.sender),
-            Err(failed) => answer_failure(reply.sender, failed),
+            Err(failed) => answer_failure(reply.sender, reported, failed),
         };
     }
     if !body.respond_to("each", false).unwrap_or(false) {
-        let message = format!("body must respond to #each, got {}", class_of(body));
+        let message = format!(
+            "body must respond to #each or #call, got {}",
+            class_of(body)
+        );
         send_error(reply.sender, &message);
+        reported.set(invalid_error(&message));
         return Ok(());
     }
     stream_each(ruby, status, headers, body, reply)
@@ -452,6 +558,7 @@ enum Stream {
         sender: oneshot::Sender<AppResponse>,
         status: StatusCode,
         headers: HeaderMap,
+        written: Option<WrittenNotice>,
     },
     Started(Arc<BodySender>),
     Done,
@@ -470,16 +577,15 @@ impl Stream {
                 sender,
                 status,
                 headers,
+                written,
             } = self.take()
             else {
                 unreachable!("matched above");
             };
             let (body_sender, body) = ResponseBody::channel();
-            let _ = sender.send(AppResponse {
-                status,
-                headers,
-                body,
-            });
+            let mut response = AppResponse::new(status, headers, body);
+            response.written = written;
+            let _ = sender.send(response);
             *self = Stream::Started(Arc::new(body_sender));
         }
         match self {
@@ -499,10 +605,12 @@ fn stream_each(
     body: Value,
     reply: Reply<'_>,
 ) -> Result<(), Error> {
+    let reported = reply.failure;
     let state = Arc::new(Mutex::new(Stream::Pending {
         sender: reply.sender,
         status,
         headers,
+        written: reply.written,
     }));
     // The block's Proc is freed by Ruby, also at exit in a forked child,
     // where what it holds must not be dropped (see `fork_safe`).
@@ -531,18 +639,17 @@ fn stream_each(
                 sender,
                 status,
                 headers,
+                written,
             },
         ) => {
             let body = match trailers(ruby, body) {
                 Ok(Some(fields)) => ResponseBody::from_chunks(Vec::new()).with_trailers(fields),
                 Ok(None) => ResponseBody::Empty,
-                Err(failed) => return answer_failure(sender, failed),
+                Err(failed) => return answer_failure(sender, reported, failed),
             };
-            let _ = sender.send(AppResponse {
-                status,
-                headers,
-                body,
-            });
+            let mut response = AppResponse::new(status, headers, body);
+            response.written = written;
+            let _ = sender.send(response);
             Ok(())
         }
         (Ok(_), Stream::Started(sender)) => match trailers(ruby, body) {
@@ -556,6 +663,7 @@ fn stream_each(
                 match failed {
                     Failure::Invalid(message) => {
                         tracing::error!("invalid Rack response: {message}; connection aborted");
+                        reported.set(invalid_error(&message));
                         Ok(())
                     }
                     Failure::Exit(exit) => Err(exit),
@@ -576,20 +684,24 @@ fn stream_each(
         }
         (Err(e), _) if e.is_kind_of(ruby.get_inner(&CLIENT_DISCONNECTED)) => {
             tracing::debug!("client went away while the body was streaming");
+            reported.set(e.value());
             Ok(())
         }
         (Err(e), Stream::Pending { sender, .. }) => {
             log_exception("response body raised", &e);
             send_error(sender, "response body raised before its first chunk");
+            reported.set(e.value());
             Ok(())
         }
         (Err(e), Stream::Started(sender)) => {
             log_exception("response body raised mid-stream; connection aborted", &e);
             sender.abort();
+            reported.set(e.value());
             Ok(())
         }
         (Err(e), Stream::Done) => {
             log_exception("response body raised", &e);
+            reported.set(e.value());
             Ok(())
         }
     }
@@ -612,7 +724,7 @@ fn disconnected(ruby: &Ruby) -> Error {
 }
 
 /// Queues a chunk, waiting without the GVL while the client is slow.
-fn send_chunk(
+pub(crate) fn send_chunk(
     ruby: &Ruby,
     sender: &BodySender,
     runtime: &tokio::runtime::Handle,
