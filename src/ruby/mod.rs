@@ -1,6 +1,7 @@
 //! Ruby bindings (magnus). One file per concern; no server logic lives here.
 
 mod app_thread;
+mod block;
 mod callbacks;
 mod control;
 mod early_hints;
@@ -14,6 +15,7 @@ mod options;
 mod pinned;
 mod remote_address;
 mod response;
+mod rust_thread;
 mod stats;
 mod stream_body;
 mod stream_input;

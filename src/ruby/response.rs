@@ -20,16 +20,15 @@ use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
 use http::{HeaderMap, StatusCode};
 use magnus::prelude::*;
 use magnus::r_hash::ForEach;
-use magnus::value::Opaque;
 use magnus::{Error, Integer, RArray, RHash, RString, Ruby, Symbol, TryConvert, Value};
 use tokio::sync::{oneshot, Notify};
 
+use super::block::call_with_block;
 use super::errors::{
     class_of, is_non_local_exit, log_exception, CLIENT_DISCONNECTED, HYPERION_ERROR,
 };
 use super::nogvl::wait_interruptibly;
 use crate::file_body::FileBody;
-use crate::fork_safe::ForkSafe;
 use crate::response::{AppResponse, BodySender, ResponseBody, SendError};
 use crate::takeover::TakeoverHandle;
 use crate::written::WrittenNotice;
@@ -257,28 +256,25 @@ fn convert_headers(
         // Rack 2 allows any object whose #each yields pairs. They are
         // gathered into a Ruby Array (on this stack, so marked) first.
         let pairs = ruby.ary_new();
-        let collected = Opaque::from(pairs);
-        let collect = ruby.proc_from_fn(move |ruby, args: &[Value], _block| {
+        call_with_block(ruby, headers, "each", |ruby, args| {
             let pair = match args {
                 [single] => *single,
                 _ => ruby.ary_new_from_values(args).as_value(),
             };
-            ruby.get_inner(collected).push(pair)
-        });
-        headers
-            .funcall_with_block::<_, _, Value>("each", (), collect)
-            .and_then(|_| {
-                array_items(pairs).try_for_each(|pair| {
-                    let pair = RArray::try_convert(pair?)?;
-                    if let ForEach::Stop = add(pair.entry(0)?, pair.entry(1)?) {
-                        return Err(Error::new(
-                            ruby.exception_stop_iteration(),
-                            "invalid header",
-                        ));
-                    }
-                    Ok(())
-                })
+            pairs.push(pair)
+        })
+        .and_then(|_| {
+            array_items(pairs).try_for_each(|pair| {
+                let pair = RArray::try_convert(pair?)?;
+                if let ForEach::Stop = add(pair.entry(0)?, pair.entry(1)?) {
+                    return Err(Error::new(
+                        ruby.exception_stop_iteration(),
+                        "invalid header",
+                    ));
+                }
+                Ok(())
             })
+        })
     } else {
         return Err(Failure::Invalid(format!(
             "headers must be a Hash (or respond to #each), got {}",
@@ -606,17 +602,14 @@ fn stream_each(
     reply: Reply<'_>,
 ) -> Result<(), Error> {
     let reported = reply.failure;
-    let state = Arc::new(Mutex::new(Stream::Pending {
+    let state = Mutex::new(Stream::Pending {
         sender: reply.sender,
         status,
         headers,
         written: reply.written,
-    }));
-    // The block's Proc is freed by Ruby, also at exit in a forked child,
-    // where what it holds must not be dropped (see `fork_safe`).
-    let runtime = ForkSafe::new(reply.runtime.clone());
-    let block_state = ForkSafe::new(state.clone());
-    let block = ruby.proc_from_fn(move |ruby, args, _block| -> Result<(), Error> {
+    });
+    let runtime = reply.runtime;
+    let result = call_with_block(ruby, body, "each", |ruby, args| {
         let chunk = args
             .first()
             .copied()
@@ -624,13 +617,12 @@ fn stream_each(
         let chunk =
             chunk_bytes(chunk).map_err(|Invalid(m)| Error::new(ruby.exception_type_error(), m))?;
         // Taken out of the lock before waiting without the GVL.
-        let sender = lock(&block_state).sender();
+        let sender = lock(&state).sender();
         match sender {
-            Some(sender) => send_chunk(ruby, &sender, &runtime, chunk),
+            Some(sender) => send_chunk(ruby, &sender, runtime, chunk),
             None => Err(disconnected(ruby)),
         }
     });
-    let result = body.funcall_with_block::<_, _, Value>("each", (), block);
     let state = lock(&state).take();
     match (result, state) {
         (

@@ -20,6 +20,7 @@ use super::env::EnvFlags;
 use super::errors::{hyperion_error, log_exception, to_ruby};
 use super::nogvl::{run_bounded_without_gvl, wait_interruptibly};
 use super::options;
+use super::rust_thread;
 use crate::control::commands::CommandQueue;
 use crate::control::route::Auth;
 use crate::control::server::ControlSettings;
@@ -482,7 +483,7 @@ fn start_drain_timer(ruby: &Ruby, rb_self: Obj<Worker>, delay: Duration) -> Resu
         "stop requested: serving through drain_delay while /ready answers 503"
     );
     let ends = Instant::now() + delay;
-    let thread = ruby.thread_create_from_fn(move |ruby| {
+    let thread = rust_thread::spawn(ruby, "hyperion-drain-delay", move |ruby| {
         let kernel = ruby.module_kernel();
         loop {
             if shared.stop.is_stopped() {
@@ -498,11 +499,9 @@ fn start_drain_timer(ruby: &Ruby, rb_self: Obj<Worker>, delay: Duration) -> Resu
                 (left.min(Duration::from_millis(250)).as_secs_f64(),),
             )?;
         }
-    });
+    })?;
     // The Worker (which marks the stop queue) lives while the thread does.
-    thread.ivar_set("__hyperion_worker", rb_self)?;
-    thread.funcall::<_, _, Value>("name=", ("hyperion-drain-delay",))?;
-    Ok(())
+    hold_worker(ruby, thread, rb_self)
 }
 
 /// The control thread and the queue it takes commands from, while it runs.
@@ -524,14 +523,12 @@ fn start_control(
     let thread = control.handler.and_then(|handler| {
         let queue = Arc::new(CommandQueue::default());
         let serving = queue.clone();
-        let thread = ruby.thread_create_from_fn(move |ruby| {
+        let started = rust_thread::spawn(ruby, "hyperion-control", move |ruby| {
             super::control::serve_commands(ruby, &serving, handler)
-        });
-        let named = thread
-            .ivar_set("__hyperion_worker", rb_self)
-            .and_then(|()| thread.funcall::<_, _, Value>("name=", ("hyperion-control",)));
-        match named {
-            Ok(_) => Some((queue, thread.as_value())),
+        })
+        .and_then(|thread| hold_worker(ruby, thread, rb_self).map(|()| thread));
+        match started {
+            Ok(thread) => Some((queue, thread)),
             Err(e) => {
                 log_exception("could not start the control thread", &e);
                 queue.close();
@@ -668,12 +665,24 @@ fn spawn_app_thread(
     index: usize,
 ) -> Result<(), Error> {
     let context = context.clone();
-    let thread = ruby.thread_create_from_fn(move |ruby| app_thread::serve(ruby, &context, index));
+    let name = format!("hyperion-app-{index}");
+    let thread = rust_thread::spawn(ruby, &name, move |ruby| {
+        app_thread::serve(ruby, &context, index)
+    })?;
     // The thread references the Worker, which marks the app, so the app
     // stays alive for as long as any app thread runs.
-    thread.ivar_set("__hyperion_worker", rb_self)?;
-    thread.funcall::<_, _, Value>("name=", (format!("hyperion-app-{index}"),))?;
+    hold_worker(ruby, thread, rb_self)?;
     threads.store(index as isize, thread)
+}
+
+/// Makes `thread` reference the Worker (which marks the app and the
+/// queues) for as long as it runs. Kept in the thread's fiber-local storage
+/// (`Thread#[]=`), not in an instance variable: a Thread's instance
+/// variables are generic ivars, which Ruby 3.1's compaction mishandles (see
+/// `block`).
+fn hold_worker(ruby: &Ruby, thread: Value, rb_self: Obj<Worker>) -> Result<(), Error> {
+    thread.funcall::<_, _, Value>("[]=", (ruby.to_symbol("__hyperion_worker"), rb_self))?;
+    Ok(())
 }
 
 /// How long killed app threads get to unwind before the shutdown hooks run.
