@@ -34,8 +34,9 @@ module ServerHelpers
   end
 
   # Sends raw bytes and returns everything the server wrote until it closed
-  # the connection (or `wait` seconds passed).
-  def raw_exchange(port, bytes, wait: 5)
+  # the connection (or `wait` seconds passed; far longer under GC.stress,
+  # where the in-process server may take minutes on a loaded machine).
+  def raw_exchange(port, bytes, wait: gc_stressed? ? 120 : 5)
     socket = TCPSocket.new("127.0.0.1", port)
     socket.write(bytes)
     read_all(socket, wait)
