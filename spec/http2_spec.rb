@@ -37,7 +37,7 @@ RSpec.describe "HTTP/2" do
       out = run_client("curl", "-s", "--http2-prior-knowledge", "-w", "\n%{http_version}", "http://127.0.0.1:#{port}/")
       expect(out).to eq("HTTP/2 127.0.0.1:#{port} http false\n2")
       out = run_client("curl", "-s", "-w", "\n%{http_version}", "http://127.0.0.1:#{port}/")
-      expect(out).to eq("HTTP/1.1 127.0.0.1:#{port} http false\n1.1")
+      expect(out).to eq("HTTP/1.1 127.0.0.1:#{port} http true\n1.1")
     end
   end
 
@@ -48,7 +48,7 @@ RSpec.describe "HTTP/2" do
       expect(run_client(*common, "--http2", "https://localhost:#{port}/"))
         .to eq("HTTP/2 localhost:#{port} https false\n2")
       expect(run_client(*common, "--http1.1", "https://localhost:#{port}/"))
-        .to eq("HTTP/1.1 localhost:#{port} https false\n1.1")
+        .to eq("HTTP/1.1 localhost:#{port} https true\n1.1")
     end
   end
 
