@@ -30,6 +30,13 @@ RSpec.describe "behind nginx and HAProxy", timeout: 120 do
   end
 
   describe "nginx" do
+    # spec/support/ws_client.py (Python `websockets`); its JSON result.
+    def ws_client(*args)
+      out, err, status = Open3.capture3("python3", File.join(__dir__, "support/ws_client.py"), *args.map(&:to_s))
+      expect(status).to be_success, "ws_client #{args.join(' ')} failed:\n#{err}"
+      JSON.parse(out)
+    end
+
     it "as a reverse proxy with a keep-alive upstream: REMOTE_ADDR from X-Real-IP, one upstream connection" do
       config_file(%(set_remote_address header: "X-Real-IP"\n))
       with_cli(chdir: dir) do |port|
@@ -89,6 +96,36 @@ RSpec.describe "behind nginx and HAProxy", timeout: 120 do
         end
       end
     end
+    # nginx's standard WebSocket proxying (docs/deployment.md shows the same
+    # lines): HTTP/1.1 upstream, the client's Upgrade passed on, Connection
+    # "upgrade" for upgrades and "close" otherwise.
+    it "passes WebSockets through as an HTTP reverse proxy (faye-websocket echo, ws://, close 1000)" do
+      with_cli("-t", "2", File.join(ServerHelpers::FIXTURES, "faye_echo.ru")) do |port|
+        front = free_port
+        with_nginx(http: <<~NGINX) do
+          map $http_upgrade $connection_upgrade {
+            default upgrade;
+            ''      close;
+          }
+          server {
+            listen 127.0.0.1:#{front};
+            location / {
+              proxy_pass http://127.0.0.1:#{port};
+              proxy_http_version 1.1;
+              proxy_set_header Upgrade $http_upgrade;
+              proxy_set_header Connection $connection_upgrade;
+              proxy_set_header Host $host;
+              proxy_read_timeout 1h;
+            }
+          }
+        NGINX
+          result = ws_client("echo", "ws://127.0.0.1:#{front}/", 50)
+          expect(result).to eq("text" => 50, "binary" => 50, "close_code" => 1000)
+          # Plain HTTP through the same location still works (Connection: close upstream).
+          expect(Net::HTTP.get_response(URI("http://127.0.0.1:#{front}/hello")).body).to eq("hello")
+        end
+      end
+    end
   end
 
   describe "HAProxy" do
@@ -133,6 +170,62 @@ RSpec.describe "behind nginx and HAProxy", timeout: 120 do
         haproxy_in_front(port, "send-proxy-v2", mode: "tcp") do |front|
           out, = Open3.capture2("curl", "-sSk", "--http2", "--interface", client, "https://127.0.0.1:#{front}/")
           expect(out).to eq("#{client} HTTP/2 https")
+        end
+      end
+    end
+
+    # drain_delay as a load balancer sees it: HAProxy checks the control
+    # listener's /ready every 200 ms and takes "app" out at the first 503;
+    # "spare" (another bin/hyperion, unchecked, so it stays UP) takes the
+    # traffic. docs/deployment.md shows the same backend.
+    [[], %w[-w 2]].each do |process_args|
+      it "takes #{process_args.empty? ? 'a single process' : 'a cluster'} out of rotation on TERM with " \
+         "drain_delay and /ready health checks: DOWN while still serving, no failed request, exit 0", timeout: 300 do
+        File.write(File.join(dir, "name.ru"), %(run ->(env) { [200, {}, [ENV.fetch("APP_NAME")]] }\n))
+        control_port = free_port
+        control = "tcp://127.0.0.1:#{control_port}"
+        with_cli(*process_args, "--control-url", control, "--control-token", "secret", "--drain-delay", "5",
+                 "--log-requests", "name.ru", chdir: dir, env: { "APP_NAME" => "app" }) do |port, pid, log|
+          wait_until(60) { control_get(control, "/ready")[0] == 200 }
+          with_cli("name.ru", chdir: dir, env: { "APP_NAME" => "spare" }) do |spare_port|
+            front = free_port
+            with_haproxy(<<~HAPROXY) do |haproxy_dir|
+              frontend web
+                bind 127.0.0.1:#{front}
+                default_backend hyperion
+              backend hyperion
+                option httpchk GET /ready
+                timeout check 10s
+                server app 127.0.0.1:#{port} check port #{control_port} inter 200ms fall 1 rise 1
+                server spare 127.0.0.1:#{spare_port}
+            HAPROXY
+              wait_until(30) { haproxy_stats(haproxy_dir, "hyperion", "app")["status"] == "UP" }
+              served_by_app = -> { File.read(log).scan(/^\{.*"status":200/).size }
+              keep_alive = nil
+              fresh = under_load(front) do
+                keep_alive = under_load(front, keep_alive: true) do
+                  # Both loads are reaching "app" before the TERM.
+                  before = served_by_app.call
+                  wait_until(60) { served_by_app.call >= before + 20 }
+                  Process.kill("TERM", pid)
+                  wait_until(60) { haproxy_stats(haproxy_dir, "hyperion", "app")["status"].start_with?("DOWN") }
+                  # Marked down within the delay: "app" is still there and serving.
+                  expect(Process.waitpid(pid, Process::WNOHANG)).to be_nil
+                  expect(http_get(port).body).to eq("app")
+                  expect(wait_for_exit(pid, 90).exitstatus).to eq(0)
+                end
+              end
+              # Every response counted: all 200s, from the two servers only
+              # (which load HAProxy sent where is its round-robin's business).
+              [fresh, keep_alive].each do |result|
+                expect(result["codes"]).to eq("200" => result["codes"]["200"])
+              end
+              expect(fresh["bodies"].keys | keep_alive["bodies"].keys).to match_array(%w[app spare])
+              app_stats = haproxy_stats(haproxy_dir, "hyperion", "app")
+              expect(app_stats.values_at("econ", "eresp", "wretr", "wredis")).to eq(%w[0 0 0 0]), app_stats.inspect
+              expect(haproxy_stats(haproxy_dir, "hyperion", "BACKEND")["hrsp_5xx"]).to eq("0")
+            end
+          end
         end
       end
     end

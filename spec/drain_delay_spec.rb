@@ -71,6 +71,18 @@ RSpec.describe "drain_delay" do
     end
   end
 
+  # The flag is parsed as a Float: 0.0 once failed the Worker's check (which
+  # took only Integer 0 for "no delay") and the server did not boot.
+  it "is off with --drain-delay 0 (and drain_delay: 0.0): the server boots, and TERM stops it without a delay" do
+    with_server("--drain-delay", "0", "--control-url", control, app) do |port, pid, _out, err|
+      expect(http_get(port).body).to eq("hello")
+      Process.kill("TERM", pid)
+      expect(wait_for_exit(pid, 60).exitstatus).to eq(0)
+      expect(File.read(err)).not_to include("drain_delay")
+    end
+    with_worker(->(_env) { [200, {}, ["ok"]] }, drain_delay: 0.0) { |port| expect(http_get(port).body).to eq("ok") }
+  end
+
   it "is a Worker keyword: TERM's stop waits for it, a stop without a signal does not" do
     socket = UNIXServer.new(File.join(dir, "w.sock"))
     worker_control = "unix://#{File.join(dir, 'w.sock')}"

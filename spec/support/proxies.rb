@@ -19,15 +19,10 @@ require "tmpdir"
 #     }
 #   NGINX
 #
-# To come, by the engineers who build what they need:
-# - a WebSocket through nginx (once rack.hijack lands): `proxy_http_version
-#   1.1; proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection
-#   "upgrade";` in the `location`, and a WebSocket client on nginx's port.
-# - HAProxy health checks for drain_delay (once the control listener and
-#   /ready land): in the backend, `option httpchk GET /ready` and
-#   `server app 127.0.0.1:PORT send-proxy-v2 check port CONTROL_PORT inter
-#   200ms fall 1 rise 1`; `haproxy_command(dir, "show servers state")`
-#   (the admin socket every config gets) says when HAProxy marks it down.
+# spec/behind_proxies_spec.rb also runs WebSockets through nginx (the
+# `map $http_upgrade $connection_upgrade` config) and drain_delay under
+# HAProxy's `option httpchk GET /ready` checks on the control port, watching
+# `haproxy_stats(dir, "hyperion", "app")["status"]` turn DOWN.
 module Proxies
   NGINX = "/usr/sbin/nginx"
   HAPROXY = "/usr/sbin/haproxy"

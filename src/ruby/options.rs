@@ -458,9 +458,11 @@ pub(crate) fn take_operations(ruby: &Ruby, rest: RHash) -> Result<Operations, Er
     })
 }
 
-/// Seconds ≥ 0 (Integer or Float).
+/// Seconds ≥ 0 (Integer or Float: the CLI's `--drain-delay 0` arrives as 0.0).
 fn seconds_or_zero(ruby: &Ruby, key: &str, value: Value) -> Result<Duration, Error> {
-    if Integer::from_value(value).is_some_and(|i| i.to_i64().ok() == Some(0)) {
+    let zero = Integer::from_value(value).is_some_and(|i| i.to_i64().ok() == Some(0))
+        || Float::from_value(value).is_some_and(|f| f.to_f64() == 0.0);
+    if zero {
         return Ok(Duration::ZERO);
     }
     seconds(ruby, key, value).map_err(|_| {
