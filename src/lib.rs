@@ -7,6 +7,7 @@ pub mod body;
 pub mod connection;
 pub mod dispatch;
 pub mod error;
+pub mod fiber_reactor;
 pub mod file_body;
 pub mod fork_safe;
 pub mod h2_settings;
