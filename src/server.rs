@@ -76,6 +76,9 @@ pub struct ServerOptions {
     pub max_connections: Option<usize>,
     /// The app may send `103 Early Hints` (`rack.early_hints`).
     pub early_hints: bool,
+    /// With `async_io`: request fibers a worker runs at once (beyond it,
+    /// requests wait in the queue).
+    pub max_fibers: usize,
 }
 
 impl Default for ServerOptions {
@@ -93,6 +96,7 @@ impl Default for ServerOptions {
             max_keepalive_requests: Some(DEFAULT_MAX_KEEPALIVE_REQUESTS),
             max_connections: None,
             early_hints: false,
+            max_fibers: 1000,
         }
     }
 }

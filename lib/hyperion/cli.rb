@@ -38,7 +38,9 @@ module Hyperion
       ["--max-pending COUNT", :max_pending, Integer,
        "Requests allowed to wait for a thread before new ones get 503 (default: no limit)"],
       ["--max-connections COUNT", :max_connections, Integer,
-       "Connections a worker serves at once; beyond it, it stops accepting until one closes (default: no limit)"]
+       "Connections a worker serves at once; beyond it, it stops accepting until one closes (default: no limit)"],
+      ["--max-fibers COUNT", :max_fibers, Integer,
+       "With --async-io: requests a worker runs at once; beyond it they wait in the queue (default 1000)"]
     ].freeze
 
     def initialize(argv, out: $stdout, err: $stderr)
@@ -142,7 +144,7 @@ module Hyperion
     def check_worker_settings(config)
       Worker.new(host: "127.0.0.1", port: 0, app: ->(_env) {}, read_timeout: config.read_timeout,
                  thread_count: config.threads, config: config, h2_settings: config.h2,
-                 early_hints: config.early_hints, **config.limits)
+                 early_hints: config.early_hints, async_io: config.async_io, **config.limits)
     rescue ArgumentError, TypeError => e
       raise ConfigError, flag_message(e)
     end
@@ -157,7 +159,8 @@ module Hyperion
       Worker.new(host: address.ip? ? address.ip_address : "localhost", port: address.ip? ? address.ip_port : 0,
                  app: app, read_timeout: config.read_timeout, thread_count: config.threads, config: config,
                  listener: sockets.size == 1 ? sockets.first : sockets, tls: tls,
-                 h2_settings: config.h2, early_hints: config.early_hints, worker_index: index, **config.limits)
+                 h2_settings: config.h2, early_hints: config.early_hints, async_io: config.async_io,
+                 worker_index: index, **config.limits)
     rescue ArgumentError, TypeError => e
       raise ConfigError, flag_message(e)
     end
@@ -223,6 +226,10 @@ module Hyperion
         end
         o.on("--[no-]early-hints", "Let the app send 103 Early Hints (env[\"rack.early_hints\"]; default off)") do |v|
           flags[:settings][:early_hints] = v
+        end
+        o.on("--[no-]async-io", "Run each request in a fiber, so requests that wait on I/O share a thread " \
+                                "(default off)") do |v|
+          flags[:settings][:async_io] = v
         end
         o.on("--redirect-stdout PATH", "Append stdout to this file; HUP reopens it") do |v|
           flags[:redirect][0] = v

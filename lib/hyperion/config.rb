@@ -24,6 +24,7 @@ module Hyperion
       tls: nil,
       h2: nil,
       early_hints: false, # env["rack.early_hints"] (103 Early Hints), off as in Puma
+      async_io: false, # each request in a fiber under a fiber scheduler (max_fibers in limits)
       # Worker keywords beyond the seed API (limits and timeouts); nil means
       # the server's default.
       limits: {}

@@ -17,4 +17,10 @@ module Hyperion
   # Raised inside a streaming body's #each when the client has gone away, so
   # the iteration stops; the server catches it.
   class ClientDisconnected < Error; end
+
+  # With async_io: raised inside a request's fiber that is waiting when its
+  # app thread is killed (Thread#kill, or the end of graceful_timeout), so the
+  # request unwinds (ensure blocks run) and is answered 500. Not a
+  # StandardError, so a bare `rescue` in the app does not swallow it.
+  class FiberTerminated < Exception; end # rubocop:disable Lint/InheritException
 end

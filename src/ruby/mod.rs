@@ -4,11 +4,13 @@ mod app_thread;
 mod early_hints;
 mod env;
 mod errors;
+mod fiber_loop;
 mod keys;
 mod nogvl;
 mod options;
 mod pinned;
 mod response;
+mod scheduler;
 mod stream_input;
 mod worker;
 
@@ -21,5 +23,6 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     stream_input::init(ruby, module)?;
     early_hints::init(ruby, module)?;
     pinned::init(ruby, module)?;
+    scheduler::init(ruby, module)?;
     worker::init(ruby, module)
 }

@@ -20,6 +20,7 @@ use super::env::EnvFlags;
 use super::errors::{hyperion_error, log_exception, to_ruby};
 use super::nogvl::{run_bounded_without_gvl, wait_interruptibly};
 use super::options;
+use crate::fiber_reactor::FiberSlots;
 use crate::fork_safe::ForkSafe;
 use crate::listener::Listener;
 use crate::request::ServerInfo;
@@ -34,8 +35,7 @@ struct Settings {
     /// Per listener (one entry when the worker binds its own): serve TLS
     /// with these files (read at `run`), or plain HTTP for `None`.
     tls: Vec<Option<crate::tls::TlsSettings>>,
-    /// Accepted for interface compatibility; the Rust core is always async.
-    #[allow(dead_code)]
+    /// Run each request in a fiber (see `fiber_loop`).
     async_io: Option<bool>,
     env_flags: EnvFlags,
 }
@@ -211,7 +211,8 @@ impl Worker {
                 tls,
                 async_io,
                 env_flags: EnvFlags {
-                    multithread: thread_count > 1,
+                    // With fibers the app runs concurrently on one thread too.
+                    multithread: thread_count > 1 || async_io == Some(true),
                     multiprocess: workers > 1,
                 },
             },
@@ -343,6 +344,8 @@ fn serve(ruby: &Ruby, rb_self: Obj<Worker>, endpoints: Vec<Endpoint>) -> Result<
         app: worker.app,
         events: worker.stop_requests,
         env_flags: worker.settings.env_flags,
+        fibers: (worker.settings.async_io == Some(true))
+            .then(|| Arc::new(FiberSlots::new(shared.options.max_fibers))),
     });
     let watchdog = start_dispatch_watchdog(shared);
     let threads = ruby.ary_new_capa(worker.settings.thread_count);
