@@ -22,6 +22,13 @@
 //!   thread can take the GVL at Ruby's next time slice and serve the short
 //!   jobs queued behind the long one).
 //!
+//! A thread that runs fibers (`async_io`) waits here too, with
+//! [`Dispatcher::wait_for_event`]: for a new job or for a [`nudge`] (one of
+//! its fibers became ready), whichever comes first, so it sleeps in one
+//! place for both kinds of work.
+//!
+//! [`nudge`]: Dispatcher::nudge
+//!
 //! "Using the CPU" is read from each thread's CPU clock
 //! (`pthread_getcpuclockid`): a thread that ran less than a quarter of the
 //! tick looks blocked, unless the kernel says it is runnable (`R` in
@@ -45,6 +52,18 @@ pub enum Pop<T> {
     /// The waiting thread was interrupted (Ruby wants it to run interrupts).
     Interrupted,
     /// The queue is closed and empty: the consumer should exit.
+    Closed,
+}
+
+/// What [`Dispatcher::wait_for_event`] ended with.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Event<T> {
+    Job(T),
+    /// [`Dispatcher::nudge`] was called for this consumer.
+    Nudged,
+    /// The waiting thread was interrupted (Ruby wants it to run interrupts).
+    Interrupted,
+    /// The queue is closed and empty (only reported to a wait that takes jobs).
     Closed,
 }
 
@@ -105,6 +124,10 @@ struct Slot {
     /// The watchdog's last look at the thread's CPU clock.
     sampled: Option<Sample>,
     live: bool,
+    /// Set by `nudge`, consumed by `wait_for_event`.
+    nudged: bool,
+    /// In `wait_for_event`'s sleep (so a nudge must notify).
+    waiting: bool,
 }
 
 struct State<T> {
@@ -188,6 +211,8 @@ impl<T> Dispatcher<T> {
             clock: ThreadClock::of_current_thread(),
             sampled: None,
             live: true,
+            nudged: false,
+            waiting: false,
         };
         let mut state = self.lock();
         let index = match state.slots.iter().position(|s| !s.live) {
@@ -280,6 +305,75 @@ impl<T> Dispatcher<T> {
                 .wake
                 .wait(state)
                 .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+    }
+
+    /// For a thread that runs fibers: blocks until a job is handed out (only
+    /// when `take_jobs`; a thread with no room for another fiber leaves jobs
+    /// in the queue), the consumer is [`nudge`](Self::nudge)d, `interrupted`
+    /// is raised, or (when `take_jobs`) the queue is closed and empty. A
+    /// nudge that came before the call ends it at once. While it waits
+    /// taking jobs the thread counts as idle, as in [`pop`](Self::pop);
+    /// otherwise as running (it has requests in flight).
+    pub fn wait_for_event(
+        &self,
+        consumer: &Consumer<'_, T>,
+        interrupted: &AtomicBool,
+        take_jobs: bool,
+    ) -> Event<T> {
+        let index = consumer.index;
+        let mut state = self.lock();
+        let event = loop {
+            if take_jobs {
+                if let Some(job) = take_job(&mut state) {
+                    break Event::Job(job);
+                }
+            }
+            if std::mem::take(&mut state.slots[index].nudged) {
+                break Event::Nudged;
+            }
+            if take_jobs && state.closed {
+                break Event::Closed;
+            }
+            if interrupted.swap(false, Ordering::AcqRel) {
+                break Event::Interrupted;
+            }
+            let phase = state.slots[index].phase;
+            if take_jobs && phase != Phase::Idle {
+                set_phase(&mut state, index, Phase::Idle);
+                state.idle.push(index);
+            } else if !take_jobs && !matches!(phase, Phase::Running { .. }) {
+                let since = Instant::now();
+                set_phase(&mut state, index, Phase::Running { since });
+            }
+            state.slots[index].waiting = true;
+            state = consumer
+                .wake
+                .wait(state)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            state.slots[index].waiting = false;
+        };
+        let phase = match event {
+            Event::Job(_) | Event::Nudged => Phase::Running {
+                since: Instant::now(),
+            },
+            Event::Interrupted | Event::Closed => Phase::Away,
+        };
+        set_phase(&mut state, index, phase);
+        event
+    }
+
+    /// Wakes consumer `id` (a [`Consumer::id`]) from `wait_for_event`, or
+    /// makes its next one return at once: a fiber of that thread is ready.
+    /// Safe from any thread; cheap when the consumer is not waiting.
+    pub fn nudge(&self, id: usize) {
+        let mut state = self.lock();
+        let Some(slot) = state.slots.get_mut(id).filter(|slot| slot.live) else {
+            return;
+        };
+        slot.nudged = true;
+        if slot.waiting {
+            slot.wake.notify_one();
         }
     }
 
@@ -457,6 +551,13 @@ fn set_phase<T>(state: &mut State<T>, index: usize, phase: Phase) {
     publish(state);
 }
 
+impl<T> Consumer<'_, T> {
+    /// What [`Dispatcher::nudge`] takes to reach this consumer.
+    pub fn id(&self) -> usize {
+        self.index
+    }
+}
+
 impl<T> Drop for Consumer<'_, T> {
     fn drop(&mut self) {
         let mut state = self.dispatcher.lock();
@@ -595,6 +696,67 @@ mod tests {
         });
         queue.interrupt(&consumer, &flag);
         assert_eq!(queue.pop(&consumer, &flag), Pop::Interrupted);
+    }
+
+    #[test]
+    fn a_nudge_wakes_a_consumer_waiting_for_events_and_is_not_lost_before_the_wait() {
+        let queue = dispatcher::<u8>(None);
+        let consumer = queue.consumer();
+        let id = consumer.id();
+        let flag = AtomicBool::new(false);
+        thread::scope(|scope| {
+            let waiter = scope.spawn(|| queue.wait_for_event(&consumer, &flag, true));
+            while !queue.lock().slots[id].waiting {
+                thread::sleep(Duration::from_millis(1));
+            }
+            // A fiber's wait ended on an I/O thread.
+            queue.nudge(id);
+            assert_eq!(waiter.join().unwrap(), Event::Nudged);
+        });
+        queue.nudge(id);
+        assert_eq!(queue.wait_for_event(&consumer, &flag, false), Event::Nudged);
+        // Consumed: the next wait sleeps until something happens.
+        queue.interrupt(&consumer, &flag);
+        assert_eq!(
+            queue.wait_for_event(&consumer, &flag, false),
+            Event::Interrupted
+        );
+    }
+
+    #[test]
+    fn a_consumer_without_room_for_jobs_leaves_them_queued_and_is_not_told_of_the_close() {
+        let queue = dispatcher(None);
+        let busy = queue.consumer();
+        let flag = AtomicBool::new(false);
+        queue.push(1).unwrap();
+        queue.close();
+        thread::scope(|scope| {
+            let waiter = scope.spawn(|| queue.wait_for_event(&busy, &flag, false));
+            while !queue.lock().slots[busy.id()].waiting {
+                thread::sleep(Duration::from_millis(1));
+            }
+            assert_eq!(queue.len(), 1);
+            queue.nudge(busy.id());
+            assert_eq!(waiter.join().unwrap(), Event::Nudged);
+        });
+        assert_eq!(queue.wait_for_event(&busy, &flag, true), Event::Job(1));
+        assert_eq!(queue.wait_for_event(&busy, &flag, true), Event::Closed);
+    }
+
+    #[test]
+    fn a_push_wakes_a_consumer_waiting_for_events() {
+        let queue = dispatcher(None);
+        let consumer = queue.consumer();
+        let flag = AtomicBool::new(false);
+        thread::scope(|scope| {
+            let waiter = scope.spawn(|| queue.wait_for_event(&consumer, &flag, true));
+            while queue.lock().idle.is_empty() {
+                thread::sleep(Duration::from_millis(1));
+            }
+            queue.push(7).unwrap();
+            assert_eq!(waiter.join().unwrap(), Event::Job(7));
+        });
+        assert_eq!(queue.progress(), (0, 1));
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub mod control;
 pub mod dispatch;
 pub mod error;
 pub mod exchange;
+pub mod fiber_reactor;
 pub mod file_body;
 pub mod fork_safe;
 pub mod h2_settings;

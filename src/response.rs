@@ -251,6 +251,16 @@ impl BodySender {
         })
     }
 
+    /// Queues a chunk once there is room, as a future that owns what it
+    /// needs (for a request fiber, which waits for it on the runtime).
+    pub fn send_later(
+        &self,
+        chunk: Bytes,
+    ) -> impl std::future::Future<Output = Result<(), SendError>> {
+        let chunks = self.chunks.clone();
+        async move { chunks.send(chunk).await.map_err(|_| SendError::Closed) }
+    }
+
     /// Ends the body normally, with trailing header fields (sent once every
     /// handle on this sender is gone).
     pub fn finish(&self, fields: HeaderMap) {

@@ -87,6 +87,9 @@ pub struct ServerOptions {
     pub remote_address: RemoteAddress,
     /// One access-log line per response (`crate::exchange`); None: off.
     pub access_log: Option<AccessLog>,
+    /// With `async_io`: request fibers a worker runs at once (beyond it,
+    /// requests wait in the queue).
+    pub max_fibers: usize,
 }
 
 impl Default for ServerOptions {
@@ -106,6 +109,7 @@ impl Default for ServerOptions {
             early_hints: false,
             remote_address: RemoteAddress::Socket,
             access_log: None,
+            max_fibers: 1000,
         }
     }
 }

@@ -40,7 +40,9 @@ module Hyperion
       ["--max-pending COUNT", :max_pending, Integer,
        "Requests allowed to wait for a thread before new ones get 503 (default: no limit)"],
       ["--max-connections COUNT", :max_connections, Integer,
-       "Connections a worker serves at once; beyond it, it stops accepting until one closes (default: no limit)"]
+       "Connections a worker serves at once; beyond it, it stops accepting until one closes (default: no limit)"],
+      ["--max-fibers COUNT", :max_fibers, Integer,
+       "With --async-io: requests a worker runs at once; beyond it they wait in the queue (default 1000)"]
     ].freeze
 
     def initialize(argv, out: $stdout, err: $stderr)
@@ -161,7 +163,7 @@ module Hyperion
       Worker.new(host: "127.0.0.1", port: 0, app: ->(_env) {}, read_timeout: config.read_timeout,
                  thread_count: config.threads, config: config, h2_settings: config.h2,
                  early_hints: config.early_hints, remote_address: config.remote_address, **logging(config),
-                 drain_delay: config.drain_delay, **config.limits)
+                 drain_delay: config.drain_delay, async_io: config.async_io, **config.limits)
     rescue ArgumentError, TypeError => e
       raise ConfigError, flag_message(e)
     end
@@ -184,7 +186,7 @@ module Hyperion
                  app: app, read_timeout: config.read_timeout, thread_count: config.threads, config: config,
                  listener: sockets.size == 1 ? sockets.first : sockets, tls: tls,
                  h2_settings: config.h2, early_hints: config.early_hints, remote_address: config.remote_address,
-                 worker_index: index, **logging(config), **extras, **config.limits)
+                 async_io: config.async_io, worker_index: index, **logging(config), **extras, **config.limits)
     rescue ArgumentError, TypeError => e
       raise ConfigError, flag_message(e)
     end
@@ -267,6 +269,10 @@ module Hyperion
           raise ConfigError, "--drain-delay must be 0 or more seconds, got #{v}" if v.negative?
 
           flags[:settings][:drain_delay] = v
+        end
+        o.on("--[no-]async-io", "Run each request in a fiber, so requests that wait on I/O share a thread " \
+                                "(default off)") do |v|
+          flags[:settings][:async_io] = v
         end
         o.on("--redirect-stdout PATH", "Append stdout to this file; HUP reopens it") do |v|
           flags[:redirect][0] = v

@@ -33,6 +33,7 @@ module Hyperion
       control_url: nil, # the control listener (Puma's activate_control_app)
       control_auth_token: nil,
       control_url_umask: nil, # permissions of a unix control socket (default 0077)
+      async_io: false, # each request in a fiber under a fiber scheduler (max_fibers in limits)
       # Worker keywords beyond the seed API (limits and timeouts); nil means
       # the server's default.
       limits: {}

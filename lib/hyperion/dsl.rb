@@ -8,9 +8,9 @@ module Hyperion
   # the file, the line and what to fix.
   class DSL
     LIMITS = %i[max_body_bytes max_uri_bytes max_header_bytes max_headers idle_timeout write_timeout
-                max_request_read_seconds max_pending max_keepalive_requests max_connections].freeze
+                max_request_read_seconds max_pending max_keepalive_requests max_connections max_fibers].freeze
     # Limits whose 0 would refuse everything; the others take 0 as it comes.
-    AT_LEAST_ONE = %i[max_connections].freeze
+    AT_LEAST_ONE = %i[max_connections max_fibers].freeze
     # An HTTP field name (RFC 9110 token).
     HEADER_NAME = /\A[!#$%&'*+.^_`|~0-9A-Za-z-]+\z/.freeze
 
@@ -201,6 +201,14 @@ module Hyperion
       @config.control_url = url
       @config.control_auth_token = token
       @config.control_url_umask = options[:umask]
+    end
+
+    # Runs each request in a fiber of its own under a fiber scheduler, so
+    # requests that wait (sleep, sockets, Net::HTTP, Queue#pop) let the
+    # others run on the same thread; max_fibers caps them per worker.
+    def async_io(enabled = true)
+      fail!("async_io expects true or false, got #{enabled.inspect}") unless [true, false].include?(enabled)
+      @config.async_io = enabled
     end
 
     def io_threads(count)

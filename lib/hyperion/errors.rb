@@ -17,7 +17,13 @@ module Hyperion
   # The client has gone away: raised inside a streaming body's #each (so the
   # iteration stops; the server catches it), by a Rack 3 stream's #write,
   # and by rack.hijack when the connection is gone. An IOError, as a real
-  # socket's error would be, so apps that rescue IOError handle it; the one
-  # error here that is not a Hyperion::Error.
+  # socket's error would be, so apps that rescue IOError handle it (so not a
+  # Hyperion::Error).
   class ClientDisconnected < IOError; end
+
+  # With async_io: raised inside a request's fiber that is waiting when its
+  # app thread is killed (Thread#kill, or the end of graceful_timeout), so the
+  # request unwinds (ensure blocks run) and is answered 500. Not a
+  # StandardError, so a bare `rescue` in the app does not swallow it.
+  class FiberTerminated < Exception; end # rubocop:disable Lint/InheritException
 end

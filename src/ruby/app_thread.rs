@@ -9,6 +9,9 @@
 //! (`Thread#kill`, process exit) ends it, after the response's body is
 //! closed. A thread that ends while the worker still serves tells the worker
 //! (through its event queue), which starts another in its place.
+//!
+//! With `async_io` the thread runs each job in a fiber of its own instead
+//! (`fiber_loop`, `scheduler`); `run_job` is the same in both modes.
 
 use std::sync::Arc;
 
@@ -21,6 +24,7 @@ use super::errors::{is_non_local_exit, log_exception};
 use super::exchange::Exchange;
 use super::nogvl::wait_interruptibly;
 use crate::dispatch::{Consumer, Pop};
+use crate::fiber_reactor::FiberSlots;
 use crate::request::Job;
 use crate::response::AppResponse;
 use crate::server::Shared;
@@ -35,14 +39,19 @@ pub(crate) struct AppContext {
     /// an app thread that ends while the worker serves pushes its index there.
     pub events: Opaque<Value>,
     pub env_flags: EnvFlags,
+    /// `async_io`: run each job in a fiber, within the worker's `max_fibers`.
+    pub fibers: Option<Arc<FiberSlots>>,
 }
 
 /// Body of app thread `index`. Returns when the queue closes, or with the
 /// non-local exit that ends the thread.
-pub(crate) fn serve(ruby: &Ruby, context: &AppContext, index: usize) -> Result<(), Error> {
+pub(crate) fn serve(ruby: &Ruby, context: &Arc<AppContext>, index: usize) -> Result<(), Error> {
     let result = {
         let _alive = context.shared.health.app_thread();
-        serve_jobs(ruby, context)
+        match &context.fibers {
+            Some(slots) => super::fiber_loop::serve(ruby, context, slots),
+            None => serve_jobs(ruby, context),
+        }
     };
     if !context.shared.stop.is_stopped() {
         tracing::warn!(
@@ -95,7 +104,12 @@ fn next_job(context: &AppContext, consumer: &Consumer<'_, Job>) -> Result<Option
 /// Answers one job (`Exchange`: the response, hijack, callbacks). An app
 /// exception becomes a 500; a non-local exit also answers 500 (or cuts the
 /// response short) and is then passed on to end the thread.
-fn run_job(ruby: &Ruby, context: &AppContext, app: Value, job: Job) -> Result<(), Error> {
+pub(crate) fn run_job(
+    ruby: &Ruby,
+    context: &AppContext,
+    app: Value,
+    job: Job,
+) -> Result<(), Error> {
     let Job { mut request, reply } = job;
     let head_only = request.is_head();
     let takeover = request.takeover.take();

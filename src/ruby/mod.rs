@@ -8,6 +8,7 @@ mod early_hints;
 mod env;
 mod errors;
 mod exchange;
+mod fiber_loop;
 mod hijack;
 mod keys;
 mod nogvl;
@@ -16,6 +17,7 @@ mod pinned;
 mod remote_address;
 mod response;
 mod rust_thread;
+mod scheduler;
 mod stats;
 mod stream_body;
 mod stream_input;
@@ -34,5 +36,6 @@ fn init(ruby: &Ruby) -> Result<(), Error> {
     pinned::init(ruby, module)?;
     stats::init(ruby, module)?;
     control::init(module)?;
+    scheduler::init(ruby, module)?;
     worker::init(ruby, module)
 }

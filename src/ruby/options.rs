@@ -310,8 +310,8 @@ pub(crate) fn h2_settings(ruby: &Ruby, value: Option<Value>) -> Result<Option<H2
 }
 
 /// Worker keywords beyond the seed API: the limits and timeouts of
-/// docs/configuration.md, and `early_hints`.
-pub(crate) const LIMIT_KEYWORDS: [&str; 10] = [
+/// docs/configuration.md, `early_hints` and `max_fibers`.
+pub(crate) const LIMIT_KEYWORDS: [&str; 11] = [
     "max_body_bytes",
     "max_uri_bytes",
     "max_header_bytes",
@@ -322,6 +322,7 @@ pub(crate) const LIMIT_KEYWORDS: [&str; 10] = [
     "max_keepalive_requests",
     "max_connections",
     "early_hints",
+    "max_fibers",
 ];
 
 /// Applies the limit keywords left over after the seed ones; any other key is
@@ -368,6 +369,7 @@ fn apply_limit_keyword(
                 .map(|max| max as usize)
         }
         "early_hints" => options.early_hints = boolean(ruby, key, Some(value))?.unwrap_or(false),
+        "max_fibers" => options.max_fibers = integer(ruby, key, value, 1, 1_000_000)? as usize,
         _ => {
             return Err(arg_error(
                 ruby,

@@ -722,11 +722,18 @@ pub(crate) fn send_chunk(
     runtime: &tokio::runtime::Handle,
     chunk: Bytes,
 ) -> Result<(), Error> {
-    let mut chunk = match sender.try_send(chunk) {
+    let chunk = match sender.try_send(chunk) {
         Ok(()) => return Ok(()),
         Err(Err(_closed)) => return Err(disconnected(ruby)),
-        Err(Ok(chunk)) => Some(chunk),
+        Err(Ok(chunk)) => chunk,
     };
+    // In a request fiber (async_io) only that fiber waits for the client.
+    if let Some(fiber) = super::scheduler::FiberWait::current() {
+        return fiber
+            .wait(ruby, sender.send_later(chunk))?
+            .map_err(|_closed| disconnected(ruby));
+    }
+    let mut chunk = Some(chunk);
     let cancel = Notify::new();
     let outcome = wait_interruptibly(
         |_flag| match sender.send_blocking(runtime, chunk.take()?, &cancel) {

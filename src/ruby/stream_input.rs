@@ -11,6 +11,7 @@ use tokio::sync::{mpsc, Notify};
 
 use super::errors::hyperion_error;
 use super::nogvl::wait_interruptibly;
+use super::scheduler::FiberWait;
 use crate::body::{BodyError, BodyStream};
 use crate::fork_safe::ForkSafe;
 
@@ -36,6 +37,20 @@ enum Next {
     Failed(String),
 }
 
+impl From<Option<Result<Bytes, BodyError>>> for Next {
+    fn from(chunk: Option<Result<Bytes, BodyError>>) -> Self {
+        match chunk {
+            Some(Ok(bytes)) => Next::Chunk(bytes),
+            None => Next::End,
+            Some(Err(BodyError::TooLarge)) => {
+                Next::Failed("request body larger than max_body_bytes".into())
+            }
+            Some(Err(BodyError::Client(e))) => Next::Failed(format!("request body: {e}")),
+            Some(Err(BodyError::Spill(e))) => Next::Failed(format!("request body: {e}")),
+        }
+    }
+}
+
 impl StreamInput {
     pub(crate) fn new(stream: BodyStream, runtime: tokio::runtime::Handle) -> Self {
         Self {
@@ -53,7 +68,8 @@ impl StreamInput {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits (without the GVL) for one more chunk; false at the end.
+    /// Waits (without the GVL, or in a request fiber only that fiber) for one
+    /// more chunk; false at the end.
     fn fill_once(&self, ruby: &Ruby) -> Result<bool, Error> {
         let mut chunks = {
             let mut state = self.lock();
@@ -66,18 +82,26 @@ impl StreamInput {
                 .take()
                 .ok_or_else(|| hyperion_error(ruby, "rack.input is being read by another thread"))?
         };
+        // In a request fiber (async_io) only that fiber waits; the receiver
+        // travels with the wait and comes back with the chunk.
+        if let Some(fiber) = FiberWait::current() {
+            let waited = fiber.wait(ruby, async move {
+                let chunk = chunks.recv().await;
+                (chunks, chunk)
+            });
+            let mut state = self.lock();
+            let next = waited.map(|(chunks, chunk)| {
+                state.chunks = Some(chunks);
+                Next::from(chunk)
+            });
+            return Self::took(ruby, &mut state, next);
+        }
         let cancel = Notify::new();
         let next = wait_interruptibly(
             |_| {
                 self.runtime.block_on(async {
                     tokio::select! {
-                        chunk = chunks.recv() => Some(match chunk {
-                            Some(Ok(bytes)) => Next::Chunk(bytes),
-                            None => Next::End,
-                            Some(Err(BodyError::TooLarge)) => Next::Failed("request body larger than max_body_bytes".into()),
-                            Some(Err(BodyError::Client(e))) => Next::Failed(format!("request body: {e}")),
-                            Some(Err(BodyError::Spill(e))) => Next::Failed(format!("request body: {e}")),
-                        }),
+                        chunk = chunks.recv() => Some(Next::from(chunk)),
                         _ = cancel.notified() => None,
                     }
                 })
@@ -86,6 +110,11 @@ impl StreamInput {
         );
         let mut state = self.lock();
         state.chunks = Some(chunks);
+        Self::took(ruby, &mut state, next)
+    }
+
+    /// Records what a wait for a chunk brought; false at the end.
+    fn took(ruby: &Ruby, state: &mut State, next: Result<Next, Error>) -> Result<bool, Error> {
         match next? {
             Next::Chunk(bytes) => {
                 state.received.extend_from_slice(&bytes);

@@ -25,6 +25,7 @@ use crate::control::commands::CommandQueue;
 use crate::control::route::Auth;
 use crate::control::server::ControlSettings;
 use crate::exchange::AccessLog;
+use crate::fiber_reactor::FiberSlots;
 use crate::fork_safe::ForkSafe;
 use crate::listener::Listener;
 use crate::request::ServerInfo;
@@ -39,8 +40,7 @@ struct Settings {
     /// Per listener (one entry when the worker binds its own): serve TLS
     /// with these files (read at `run`), or plain HTTP for `None`.
     tls: Vec<Option<crate::tls::TlsSettings>>,
-    /// Accepted for interface compatibility; the Rust core is always async.
-    #[allow(dead_code)]
+    /// Run each request in a fiber (see `fiber_loop`).
     async_io: Option<bool>,
     env_flags: EnvFlags,
     /// On TERM, serve this long with `/ready` answering 503 before stopping.
@@ -250,7 +250,8 @@ impl Worker {
                 tls,
                 async_io,
                 env_flags: EnvFlags {
-                    multithread: thread_count > 1,
+                    // With fibers the app runs concurrently on one thread too.
+                    multithread: thread_count > 1 || async_io == Some(true),
                     multiprocess: workers > 1,
                 },
                 drain_delay: operations.drain_delay,
@@ -429,6 +430,8 @@ fn serve(ruby: &Ruby, rb_self: Obj<Worker>, endpoints: Vec<Endpoint>) -> Result<
         app: worker.app,
         events: worker.stop_requests,
         env_flags: worker.settings.env_flags,
+        fibers: (worker.settings.async_io == Some(true))
+            .then(|| Arc::new(FiberSlots::new(shared.options.max_fibers))),
     });
     let watchdog = start_dispatch_watchdog(shared);
     let threads = ruby.ary_new_capa(worker.settings.thread_count);
