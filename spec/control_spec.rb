@@ -179,7 +179,13 @@ RSpec.describe "the control listener" do
           workers = JSON.parse(control_get(control, "/stats")[1])["worker_status"]
           workers.none? { |w| w["pid"] == victim } && workers.all? { |w| w["booted"] }
         end
-        metrics = prometheus_parse(control_get(control, "/metrics")[1])
+        # The master counts a boot when the worker reports in, which can come
+        # after /stats already shows it booted: wait for the count itself.
+        metrics = nil
+        wait_until(60) do
+          metrics = prometheus_parse(control_get(control, "/metrics")[1])
+          sample(metrics, "hyperion_worker_boots", name: "hyperion_worker_boots_total") == 3
+        end
         expect(sample(metrics, "hyperion_requests", name: "hyperion_requests_total",
                                                     labels: { status_class: "2xx" })).to eq(10)
         expect(sample(metrics, "hyperion_worker_restarts", name: "hyperion_worker_restarts_total")).to eq(1)
