@@ -887,7 +887,7 @@ mod tests {
 
     #[test]
     fn pipelined_requests_and_chunked_bodies_are_answered_in_order() {
-        let (mut server, shared, port, consumer) = echo_server();
+        let (server, shared, port, consumer) = echo_server();
         let out = exchange(
             port,
             b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n\
@@ -910,11 +910,7 @@ mod tests {
             "{out}"
         );
         assert!(out.contains("date: "), "hyper adds a Date header: {out}");
-        shared.stop.stop();
-        assert!(server.wait_stopped(&Notify::new()));
-        shared.queue.close();
-        consumer.join().unwrap();
-        server.shutdown();
+        stop_server(server, shared, consumer);
     }
 
     #[test]
@@ -924,7 +920,7 @@ mod tests {
             early_hints: true,
             ..ServerOptions::default()
         };
-        let (mut server, shared, consumer) = echo_server_with(vec![endpoint], options);
+        let (server, shared, consumer) = echo_server_with(vec![endpoint], options);
         let out = exchange(
             port,
             b"GET /hints HTTP/1.1\r\nHost: x\r\n\r\n\
@@ -950,11 +946,7 @@ mod tests {
         let out = exchange(port, b"GET /hints HTTP/1.0\r\nHost: x\r\n\r\n");
         assert!(out.starts_with("HTTP/1.0 200 OK"), "{out}");
         assert!(!out.contains("103"), "{out}");
-        shared.stop.stop();
-        assert!(server.wait_stopped(&Notify::new()));
-        shared.queue.close();
-        consumer.join().unwrap();
-        server.shutdown();
+        stop_server(server, shared, consumer);
     }
 
     #[test]
@@ -1095,7 +1087,7 @@ mod tests {
             max_connections: Some(1),
             ..ServerOptions::default()
         };
-        let (mut server, shared, consumer) = echo_server_with(vec![first, second], options);
+        let (server, shared, consumer) = echo_server_with(vec![first, second], options);
         let mut open = TcpStream::connect(("127.0.0.1", first_port)).unwrap();
         open.write_all(b"GET /kept HTTP/1.1\r\nHost: x\r\n\r\n")
             .unwrap();
@@ -1126,11 +1118,7 @@ mod tests {
             "{out}"
         );
 
-        shared.stop.stop();
-        assert!(server.wait_stopped(&Notify::new()));
-        shared.queue.close();
-        consumer.join().unwrap();
-        server.shutdown();
+        stop_server(server, shared, consumer);
     }
 
     /// A server whose "app" answers /hijack by taking the connection over:
