@@ -49,7 +49,7 @@ static REGISTRY: AtomicPtr<Registry> = AtomicPtr::new(std::ptr::null_mut());
 /// are never freed: a `Pinned` may outlive a fork, and a leaked old one is
 /// what a forked child must keep.
 fn registry() -> &'static Registry {
-    let pid = std::process::id();
+    let pid = crate::fork_safe::current_pid();
     let current = REGISTRY.load(Ordering::Acquire);
     // SAFETY: a non-null pointer here came from Box::into_raw below and is
     // never freed.
