@@ -23,6 +23,7 @@ pub mod interim;
 pub mod limits;
 pub mod listener;
 pub mod logging;
+pub mod malloc_arenas;
 pub mod metrics;
 pub mod proxy_protocol;
 pub mod remote_address;

@@ -131,6 +131,8 @@ impl Worker {
     /// Array of them; `tls:` is nil, a Hash (every listener) or, with an
     /// Array `listener:`, an Array of the same length of Hash or nil.
     fn new(ruby: &Ruby, args: &[Value]) -> Result<Obj<Worker>, Error> {
+        // Before this worker (or, at boot, the CLI's check) starts threads.
+        crate::malloc_arenas::limit_to_one_arena();
         let args = scan_args::<(), (), (), (), RHash, ()>(args)?;
         let kwargs = get_kwargs::<_, (Value, Value, Value, Value), Optional, RHash>(
             args.keywords,
