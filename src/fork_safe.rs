@@ -109,7 +109,7 @@ mod tests {
     #[test]
     fn the_cached_pid_is_the_childs_own_after_a_fork() {
         assert_eq!(current_pid(), std::process::id()); // cached now
-        // SAFETY: the child only compares two process ids and calls _exit.
+                                                       // SAFETY: the child only compares two process ids and calls _exit.
         let child = unsafe { libc::fork() };
         if child == 0 {
             let right = current_pid() == std::process::id();
@@ -121,7 +121,11 @@ mod tests {
         // SAFETY: waits for our own child.
         assert_eq!(unsafe { libc::waitpid(child, &mut status, 0) }, child);
         assert!(libc::WIFEXITED(status));
-        assert_eq!(libc::WEXITSTATUS(status), 0, "the child saw its parent's pid");
+        assert_eq!(
+            libc::WEXITSTATUS(status),
+            0,
+            "the child saw its parent's pid"
+        );
         assert_eq!(current_pid(), std::process::id());
     }
 
