@@ -322,3 +322,303 @@ async fn within<T>(
             ))
         })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use tokio::io::AsyncReadExt;
+
+    fn fields(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.append(*name, HeaderValue::from_static(value));
+        }
+        map
+    }
+
+    #[test]
+    fn requests_keep_alive_by_hypers_rules() {
+        let keeps = |version, pairs: &[(&'static str, &'static str)]| {
+            request_keeps_alive(version, &fields(pairs))
+        };
+        assert!(keeps(Version::HTTP_11, &[]));
+        assert!(!keeps(Version::HTTP_11, &[("connection", "Close")]));
+        assert!(!keeps(
+            Version::HTTP_11,
+            &[("connection", "upgrade, close")]
+        ));
+        assert!(
+            !keeps(
+                Version::HTTP_11,
+                &[("connection", "close"), ("connection", "keep-alive")]
+            ),
+            "a later keep-alive does not undo close"
+        );
+        assert!(!keeps(Version::HTTP_10, &[]));
+        assert!(keeps(Version::HTTP_10, &[("connection", "Keep-Alive")]));
+        assert!(!keeps(
+            Version::HTTP_11,
+            &[("transfer-encoding", "chunked"), ("content-length", "3")]
+        ));
+    }
+
+    #[test]
+    fn only_whole_files_of_sendfile_size_answering_plain_requests_qualify() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&vec![b'x'; SENDFILE_MIN as usize]).unwrap();
+        let response = |status: u16, pairs: &[(&'static str, &'static str)]| {
+            let mut response =
+                Response::new(ResponseBody::File(FileBody::open(file.path()).unwrap()));
+            *response.status_mut() = StatusCode::from_u16(status).unwrap();
+            *response.headers_mut() = fields(pairs);
+            response
+        };
+        assert!(wants_sendfile(&response(200, &[])));
+        assert!(wants_sendfile(&response(404, &[])));
+        assert!(!wants_sendfile(&response(
+            200,
+            &[("transfer-encoding", "chunked")]
+        )));
+        assert!(!wants_sendfile(&response(200, &[("trailer", "x-sum")])));
+        assert!(!wants_sendfile(&response(304, &[])));
+        let mut small = tempfile::NamedTempFile::new().unwrap();
+        small
+            .write_all(&vec![b'x'; SENDFILE_MIN as usize - 1])
+            .unwrap();
+        let small = Response::new(ResponseBody::File(FileBody::open(small.path()).unwrap()));
+        assert!(!wants_sendfile(&small), "small files stay with hyper");
+        assert!(!wants_sendfile(&Response::new(ResponseBody::Empty)));
+
+        assert!(request_allows(&Method::GET, true));
+        assert!(request_allows(&Method::POST, true));
+        assert!(!request_allows(&Method::HEAD, true));
+        assert!(!request_allows(&Method::CONNECT, true));
+        assert!(
+            !request_allows(&Method::POST, false),
+            "an unread request body would be parsed as the next request"
+        );
+    }
+
+    #[test]
+    fn a_head_is_written_as_hyper_writes_it() {
+        let app = fields(&[
+            ("content-type", "text/plain"),
+            ("x-multi", "a"),
+            ("x-multi", "b"),
+            ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
+        ]);
+        let text = |version, headers: &HeaderMap, keep_alive| {
+            let (head, keeps) = http1_head(version, StatusCode::OK, headers, 42, keep_alive);
+            (String::from_utf8(head.to_vec()).unwrap(), keeps)
+        };
+        assert_eq!(
+            text(Version::HTTP_11, &app, true),
+            (
+                "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\nx-multi: a\r\nx-multi: b\r\n\
+                 date: Sun, 06 Nov 1994 08:49:37 GMT\r\ncontent-length: 42\r\n\r\n"
+                    .to_owned(),
+                true
+            )
+        );
+        // The request closes: HTTP/1.1 says so.
+        let (closing, keeps) = text(Version::HTTP_11, &app, false);
+        assert!(
+            // hyper adds the field to the map: it comes before the length.
+            closing.ends_with("connection: close\r\ncontent-length: 42\r\n\r\n"),
+            "{closing}"
+        );
+        assert!(!keeps);
+        // HTTP/1.0 kept alive says so; closed, it says nothing.
+        let (ten, keeps) = text(Version::HTTP_10, &app, true);
+        assert!(ten.starts_with("HTTP/1.0 200 OK\r\n"), "{ten}");
+        assert!(
+            ten.contains("\r\nconnection: keep-alive\r\n") && keeps,
+            "{ten}"
+        );
+        let (ten, keeps) = text(Version::HTTP_10, &app, false);
+        assert!(!ten.contains("connection") && !keeps, "{ten}");
+
+        // The app's connection values share a line (hyper's "close" joins
+        // them); its content-length is written once, where it put it; a
+        // date is added when it gave none.
+        let app = fields(&[
+            ("content-length", "42"),
+            ("connection", "keep-alive"),
+            ("connection", "x-trace"),
+        ]);
+        let (head, keeps) = text(Version::HTTP_11, &app, false);
+        assert!(
+            head.starts_with(
+                "HTTP/1.1 200 OK\r\ncontent-length: 42\r\n\
+                 connection: keep-alive, x-trace, close\r\ndate: "
+            ),
+            "{head}"
+        );
+        assert!(head.ends_with(" GMT\r\n\r\n") && !keeps, "{head}");
+        let (head, keeps) = text(Version::HTTP_11, &fields(&[("connection", "close")]), true);
+        assert!(
+            head.contains("\r\nconnection: close\r\ncontent-length: 42\r\n") && !keeps,
+            "the app's close closes: {head}"
+        );
+        let (head, _) = http1_head(
+            Version::HTTP_11,
+            StatusCode::from_u16(299).unwrap(),
+            &HeaderMap::new(),
+            1,
+            true,
+        );
+        assert!(head.starts_with(b"HTTP/1.1 299 <none>\r\n"));
+    }
+
+    /// A `Taken` over a real TCP connection, and the client's end.
+    async fn tcp_taken(write_timeout: Duration) -> (Taken, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let taken = Taken {
+            stream: Box::new(server),
+            leftover: Bytes::from_static(b"GET /next"),
+            write_timeout,
+        };
+        (taken, client)
+    }
+
+    fn file_response(path: &std::path::Path) -> Response<ResponseBody> {
+        Response::new(ResponseBody::File(FileBody::open(path).unwrap()))
+    }
+
+    fn exchange(stats: &Arc<StatsPage>) -> Exchange {
+        let request = http::Request::get("/f").body(()).unwrap();
+        let mut exchange = Exchange::begin(
+            stats,
+            None,
+            &request,
+            &Arc::from("127.0.0.1"),
+            tokio::time::Instant::now(),
+        );
+        exchange.responded(&Response::new(()));
+        exchange
+    }
+
+    #[tokio::test]
+    async fn the_file_follows_the_head_and_http_resumes_with_the_bytes_read_ahead() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        let content: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        file.write_all(&content).unwrap();
+        let stats = Arc::new(StatsPage::new(false).unwrap());
+        let (notice, written) = crate::written::channel();
+        let mut response = file_response(file.path());
+        response.extensions_mut().insert(notice);
+        let job = SendFile::new(
+            Version::HTTP_11,
+            true,
+            response,
+            exchange(&stats),
+            stats.clone(),
+        );
+        let (taken, mut client) = tcp_taken(Duration::from_secs(10)).await;
+        let reading = tokio::spawn(async move {
+            // The head, the file, and nothing more before the connection
+            // is HTTP's again.
+            let mut got = Vec::new();
+            let mut buf = vec![0; 65536];
+            let complete = |got: &[u8]| {
+                got.windows(4)
+                    .position(|w| w == b"\r\n\r\n")
+                    .is_some_and(|at| got.len() >= at + 4 + 3_000_000)
+            };
+            while !complete(&got) {
+                let n = client.read(&mut buf).await.unwrap();
+                assert!(n > 0, "closed early");
+                got.extend_from_slice(&buf[..n]);
+            }
+            got
+        });
+        let AfterTakeover::Resume(taken) = job.run(taken).await else {
+            panic!("a kept-alive connection must resume");
+        };
+        assert_eq!(&taken.leftover[..], b"GET /next");
+        assert_eq!(written.wait().await, crate::written::Written::Yes);
+        let got = reading.await.unwrap();
+        let split = got.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4;
+        assert!(got.starts_with(b"HTTP/1.1 200 OK\r\ncontent-length: 3000000\r\n"));
+        assert!(got[split..] == content[..], "the file, byte for byte");
+        let seen = stats.snapshot();
+        assert_eq!(
+            (seen.sendfile_responses, seen.sendfile_bytes),
+            (1, 3_000_000)
+        );
+        assert_eq!(seen.responses[1], 1, "the exchange is recorded");
+    }
+
+    #[tokio::test]
+    async fn a_client_that_stops_reading_is_dropped_after_write_timeout() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        // Far more than the socket buffers on both sides hold.
+        file.write_all(&vec![b'x'; 64 << 20]).unwrap();
+        let stats = Arc::new(StatsPage::new(false).unwrap());
+        let (notice, written) = crate::written::channel();
+        let mut response = file_response(file.path());
+        response.extensions_mut().insert(notice);
+        let job = SendFile::new(
+            Version::HTTP_11,
+            true,
+            response,
+            exchange(&stats),
+            stats.clone(),
+        );
+        let (taken, _client) = tcp_taken(Duration::from_millis(300)).await;
+        let outcome = tokio::time::timeout(Duration::from_secs(60), job.run(taken))
+            .await
+            .expect("a stalled client must not hold the job");
+        assert!(matches!(outcome, AfterTakeover::Released));
+        assert_eq!(written.wait().await, crate::written::Written::No);
+        assert!(stats.snapshot().sendfile_bytes < 64 << 20);
+    }
+
+    #[tokio::test]
+    async fn a_file_that_shrinks_ends_the_connection_and_closing_requests_close() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&vec![b'y'; 1 << 20]).unwrap();
+        let stats = Arc::new(StatsPage::new(false).unwrap());
+        let response = file_response(file.path());
+        file.as_file().set_len(1000).unwrap();
+        let job = SendFile::new(
+            Version::HTTP_11,
+            true,
+            response,
+            exchange(&stats),
+            stats.clone(),
+        );
+        let (taken, mut client) = tcp_taken(Duration::from_secs(10)).await;
+        assert!(matches!(job.run(taken).await, AfterTakeover::Released));
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert!(got.ends_with(&[b'y'; 1000]) && !got.ends_with(&[b'y'; 1001]));
+
+        // Whole, but the request asked to close: FIN after the file.
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&vec![b'z'; 100_000]).unwrap();
+        let job = SendFile::new(
+            Version::HTTP_11,
+            false,
+            file_response(file.path()),
+            exchange(&stats),
+            stats.clone(),
+        );
+        let (taken, mut client) = tcp_taken(Duration::from_secs(10)).await;
+        let reading = tokio::spawn(async move {
+            let mut got = Vec::new();
+            client.read_to_end(&mut got).await.unwrap();
+            got
+        });
+        assert!(matches!(job.run(taken).await, AfterTakeover::Released));
+        let got = reading.await.unwrap();
+        let text = String::from_utf8(got).unwrap();
+        assert!(text.contains("\r\nconnection: close\r\n"), "{text:.200}");
+        assert!(text.ends_with(&"z".repeat(100_000)));
+    }
+}
