@@ -13,8 +13,9 @@
 //!
 //! Under TLS and HTTP/2 the bytes must go through the protocol, so the read
 //! loop stays. Files under `SENDFILE_MIN` stay on hyper's path too: a
-//! takeover ends hyper's session and starts a new one, which costs more than
-//! copying a small file.
+//! takeover ends hyper's session and starts a new one, a fixed cost that a
+//! small copy does not repay (at 64 KiB the server's CPU per response
+//! measured about the same both ways, on a shared 2-core machine).
 //!
 //! Everything hyper's path does per response happens here too: the exchange
 //! (stats, access log) records the status and the body bytes sent; a
