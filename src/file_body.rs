@@ -11,6 +11,10 @@
 //! aborted (the client sees a broken response, never a short one that looks
 //! complete).
 //!
+//! On a plain HTTP/1.x connection a large file skips the read loop: it goes
+//! from the page cache to the socket with sendfile(2) (`sendfile_to`,
+//! driven by `crate::sendfile`), with the same length and shrink rules.
+//!
 //! The read buffers come from a small pool and go back to it when hyper
 //! drops them: a fresh 128 KiB buffer per chunk is an mmap, page faults,
 //! zeroing and an munmap each time (a third of the I/O thread's time in a
@@ -18,15 +22,21 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::BorrowedFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
 use std::sync::Mutex;
 
 use bytes::Bytes;
+use nix::libc;
 
 /// How much is read per data frame.
 pub const CHUNK: usize = 128 * 1024;
+
+/// The most one sendfile(2) call is asked for (Linux moves at most this
+/// much per call anyway; a non-blocking socket takes what fits its buffer).
+const MAX_SENDFILE: u64 = 0x7fff_f000;
 
 /// Buffers kept for reuse (4 MiB at most).
 const POOLED: usize = 32;
@@ -97,6 +107,27 @@ impl FileBody {
         self.remaining
     }
 
+    /// Sends the next bytes straight from the file to `socket` with
+    /// sendfile(2) (as many as the socket takes at once); returns how many.
+    /// `WouldBlock` when the socket is full. The end of the file before the
+    /// length taken at open is an error, as in `next_chunk`.
+    pub fn sendfile_to(&mut self, socket: BorrowedFd<'_>) -> io::Result<usize> {
+        if self.remaining == 0 {
+            return Ok(0);
+        }
+        let mut offset = libc::off_t::try_from(self.offset)
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "file offset too large"))?;
+        let count = self.remaining.min(MAX_SENDFILE) as usize;
+        let sent = nix::sys::sendfile::sendfile(socket, &self.file, Some(&mut offset), count)
+            .map_err(io::Error::from)?;
+        if sent == 0 {
+            return Err(shrank());
+        }
+        self.offset += sent as u64;
+        self.remaining -= sent as u64;
+        Ok(sent)
+    }
+
     /// The next chunk, or `None` at the end.
     pub fn next_chunk(&mut self) -> io::Result<Option<Bytes>> {
         if self.remaining == 0 {
@@ -106,16 +137,20 @@ impl FileBody {
         let mut pooled = PooledBuffer::take();
         let read = self.file.read_at(&mut pooled.buffer[..want], self.offset)?;
         if read == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the file shrank while it was being sent",
-            ));
+            return Err(shrank());
         }
         pooled.filled = read;
         self.offset += read as u64;
         self.remaining -= read as u64;
         Ok(Some(Bytes::from_owner(pooled)))
     }
+}
+
+fn shrank() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the file shrank while it was being sent",
+    )
 }
 
 #[cfg(test)]
@@ -151,6 +186,38 @@ mod tests {
         file.as_file().set_len(10).unwrap();
         assert_eq!(body.next_chunk().unwrap().unwrap().len(), 10);
         assert!(body.next_chunk().is_err());
+    }
+
+    #[test]
+    fn sendfile_sends_the_length_it_opened_with_and_fails_when_the_file_shrinks() {
+        use std::io::Read;
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        let content: Vec<u8> = (0..(CHUNK * 3 + 7)).map(|i| (i % 253) as u8).collect();
+        file.write_all(&content).unwrap();
+        let mut body = FileBody::open(file.path()).unwrap();
+        file.write_all(b"grown later").unwrap();
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let reader = std::thread::spawn(move || {
+            let mut got = Vec::new();
+            theirs.read_to_end(&mut got).unwrap();
+            got
+        });
+        while body.remaining() > 0 {
+            use std::os::fd::AsFd;
+            body.sendfile_to(ours.as_fd()).unwrap();
+        }
+        drop(ours);
+        assert_eq!(reader.join().unwrap(), content);
+
+        let mut body = FileBody::open(file.path()).unwrap();
+        file.as_file().set_len(10).unwrap();
+        let (ours, _theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        use std::os::fd::AsFd;
+        assert_eq!(body.sendfile_to(ours.as_fd()).unwrap(), 10);
+        assert_eq!(
+            body.sendfile_to(ours.as_fd()).unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
     }
 
     #[test]

@@ -29,6 +29,7 @@ pub mod proxy_protocol;
 pub mod remote_address;
 pub mod request;
 pub mod response;
+pub mod sendfile;
 pub mod server;
 pub mod session;
 pub mod stats;

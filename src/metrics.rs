@@ -100,6 +100,18 @@ pub fn render(stats: &Snapshot, processes: &Processes) -> String {
             "hyperion_connections_total{{protocol=\"{protocol}\"}} {total}"
         );
     }
+    counter(
+        &mut out,
+        "hyperion_sendfile_responses_total",
+        "Responses whose body (a to_path file on plain HTTP/1.x) went out with sendfile(2).",
+        stats.sendfile_responses,
+    );
+    counter(
+        &mut out,
+        "hyperion_sendfile_bytes_total",
+        "Body bytes sent with sendfile(2).",
+        stats.sendfile_bytes,
+    );
     gauge(
         &mut out,
         "hyperion_workers",
@@ -169,6 +181,8 @@ mod tests {
         page.response_finished(200, Duration::from_micros(400));
         page.response_finished(200, Duration::from_millis(2));
         page.response_finished(503, Duration::from_secs(30));
+        page.sendfile_started();
+        page.sendfile_sent(4096);
         let text = render(&page.snapshot(), &Processes::default());
         for line in [
             "hyperion_requests_total{status_class=\"2xx\"} 2",
@@ -182,6 +196,9 @@ mod tests {
             "hyperion_request_duration_seconds_count 3",
             "# TYPE hyperion_queue_wait_seconds histogram",
             "hyperion_connections_open{protocol=\"http2\"} 0",
+            "# TYPE hyperion_sendfile_responses_total counter",
+            "hyperion_sendfile_responses_total 1",
+            "hyperion_sendfile_bytes_total 4096",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

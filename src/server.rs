@@ -39,6 +39,7 @@ use crate::proxy_protocol::{take_header, Peek};
 use crate::remote_address::RemoteAddress;
 use crate::request::{Job, RequestData, ServerInfo};
 use crate::response::{plain_response, ResponseBody};
+use crate::sendfile::{self, SendFile};
 use crate::session::{http1_starter, sniff, Protocol, TrackedBody};
 use crate::stats::StatsPage;
 use crate::stop::StopSignal;
@@ -502,8 +503,10 @@ struct ConnectionContext {
     /// for the connection's `InterimIo`.
     interim: Option<Arc<InterimQueue>>,
     /// HTTP/1.x: where a request asks to take the connection over
-    /// (`rack.hijack`).
+    /// (`rack.hijack`, sendfile).
     takeover: Option<Arc<TakeoverPoint>>,
+    /// HTTP/1.x on a plain socket: large files go out with sendfile(2).
+    sendfile: bool,
 }
 
 impl ConnectionContext {
@@ -539,6 +542,16 @@ impl ConnectionContext {
             }
             None => (None, None),
         };
+        // What sendfile needs to know of the request once it is gone.
+        let sendfile = (self.sendfile
+            && sendfile::request_allows(
+                request.method(),
+                !is_streaming_rpc(request.headers()) || request.body().is_end_stream(),
+            ))
+        .then(|| {
+            let keep_alive = sendfile::request_keeps_alive(request.version(), request.headers());
+            (takeover.clone(), keep_alive)
+        });
         let context = self.clone();
         let mut awaiting = AwaitingResponse {
             exchange: Some(exchange),
@@ -550,17 +563,22 @@ impl ConnectionContext {
                 (Some(hints), Some(queue)) => interim::http1_exchange(queue, hints, response).await,
                 _ => response.await,
             };
-            if awaiting.open.as_ref().is_some_and(|open| !open.close()) {
-                // The request is taking the connection over: the task takes
-                // it from hyper, dropping this future with `awaiting`.
-                std::future::pending::<()>().await;
-            }
             // A stop has begun: tell a keep-alive client before closing.
             if last || context.shared.stop.is_stopped() {
                 response.headers_mut().insert(
                     http::header::CONNECTION,
                     http::HeaderValue::from_static("close"),
                 );
+            }
+            if let Some((Some(handle), keep_alive)) = sendfile {
+                if sendfile::wants_sendfile(&response) {
+                    response = awaiting.send_file(&handle, keep_alive, response, &context);
+                }
+            }
+            if awaiting.open.as_ref().is_some_and(|open| !open.close()) {
+                // The request is taking the connection over: the task takes
+                // it from hyper, dropping this future with `awaiting`.
+                std::future::pending::<()>().await;
             }
             let mut exchange = awaiting.finish();
             exchange.responded(&response);
@@ -593,6 +611,38 @@ struct AwaitingResponse {
 }
 
 impl AwaitingResponse {
+    /// Hands `response` (a file) to a sendfile job that takes the connection
+    /// over, with the exchange; or gives it back when the connection cannot
+    /// be taken (the app took it already), for hyper to send or drop.
+    fn send_file(
+        &mut self,
+        takeover: &TakeoverHandle,
+        request_keep_alive: bool,
+        response: Response<ResponseBody>,
+        context: &ConnectionContext,
+    ) -> Response<ResponseBody> {
+        let Some(mut exchange) = self.exchange.take() else {
+            return response;
+        };
+        exchange.responded(&response);
+        let job = SendFile::new(
+            takeover.version(),
+            request_keep_alive,
+            response,
+            exchange,
+            context.shared.stats.clone(),
+        );
+        match takeover.take_over_typed(job) {
+            // Sent by the job; `open.close()` now says so.
+            Ok(()) => Response::new(ResponseBody::Empty),
+            Err(job) => {
+                let (response, exchange) = job.into_parts();
+                self.exchange = Some(exchange);
+                response
+            }
+        }
+    }
+
     /// The response is ready and will be sent.
     fn finish(&mut self) -> Exchange {
         self.open = None;
@@ -636,6 +686,7 @@ async fn serve_connection<S>(
         interim: (protocol == Protocol::Http1 && shared.options.early_hints)
             .then(|| Arc::new(InterimQueue::default())),
         takeover: (protocol == Protocol::Http1).then(TakeoverPoint::new),
+        sendfile: protocol == Protocol::Http1 && stream.socket().is_some(),
     });
     let options = &shared.options;
     let timeouts = Timeouts {
@@ -680,8 +731,8 @@ async fn serve_connection<S>(
 
 /// Requests whose body the app reads while it still arrives (gRPC over
 /// HTTP/2: `content-type: application/grpc`, `application/grpc+proto`...).
-fn is_streaming_rpc(head: &http::request::Parts) -> bool {
-    head.headers
+fn is_streaming_rpc(headers: &http::HeaderMap) -> bool {
+    headers
         .get(http::header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
 }
@@ -751,7 +802,7 @@ where
         // Closing keeps an unread body from ever being parsed as a request.
         return plain_response(rejection.status, true);
     }
-    let body = if is_streaming_rpc(&head) && !body.is_end_stream() {
+    let body = if is_streaming_rpc(&head.headers) && !body.is_end_stream() {
         // gRPC-style: the app starts now and reads DATA as it arrives.
         RequestBody::Stream(stream_body(body, limits.max_body_bytes, deadline))
     } else {
@@ -1293,6 +1344,110 @@ mod tests {
         shared.queue.close();
         consumer.join().unwrap();
         server.shutdown();
+    }
+
+    /// A server whose "app" answers /file with the file at `path` as a
+    /// to_path body, and /bytes with the same bytes as a body hyper writes;
+    /// both with the same header fields (/…-length: the app's own
+    /// content-length too). Anything else gets "end".
+    fn file_server(
+        path: std::path::PathBuf,
+    ) -> (Server, Arc<Shared>, u16, std::thread::JoinHandle<()>) {
+        let (endpoint, port) = plain_endpoint();
+        let shared = Shared::new(ServerOptions::default(), None);
+        let server = Server::start(vec![endpoint], shared.clone()).unwrap();
+        let consumer = {
+            let shared = shared.clone();
+            std::thread::spawn(move || {
+                let flag = AtomicBool::new(false);
+                let consumer = shared.queue.consumer();
+                let content = Bytes::from(std::fs::read(&path).unwrap());
+                while let Pop::Job(job) = shared.queue.pop(&consumer, &flag) {
+                    let target = job.request.head.uri.path().to_owned();
+                    let mut headers = http::HeaderMap::new();
+                    headers.insert("content-type", http::HeaderValue::from_static("text/plain"));
+                    headers.append("x-multi", http::HeaderValue::from_static("a"));
+                    headers.append("x-multi", http::HeaderValue::from_static("b"));
+                    if target.ends_with("-length") {
+                        headers.insert("content-length", http::HeaderValue::from(content.len()));
+                    }
+                    let body = if target.starts_with("/file") {
+                        ResponseBody::File(crate::file_body::FileBody::open(&path).unwrap())
+                    } else if target.starts_with("/bytes") {
+                        ResponseBody::from_chunks(vec![content.clone()])
+                    } else {
+                        ResponseBody::from_chunks(vec![Bytes::from_static(b"end")])
+                    };
+                    let _ = job
+                        .reply
+                        .send(AppResponse::new(StatusCode::OK, headers, body));
+                }
+            })
+        };
+        (server, shared, port, consumer)
+    }
+
+    #[test]
+    fn a_file_sent_with_sendfile_looks_on_the_wire_as_hyper_would_have_sent_it() {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        let content: String = (0..40_000).map(|i| format!("{i:07}\n")).collect();
+        file.write_all(content.as_bytes()).unwrap();
+        let (server, shared, port, consumer) = file_server(file.path().to_owned());
+        let without_date = |out: String| -> String {
+            out.split("\r\n")
+                .filter(|line| !line.starts_with("date: "))
+                .collect::<Vec<_>>()
+                .join("\r\n")
+        };
+        let mut expected_sendfiles = 0;
+        // Each ends with a request that closes (answered only when the
+        // connection stays open after the file).
+        for (request, keeps_alive) in [
+            ("GET /{} HTTP/1.1\r\nHost: x\r\n\r\n", true),
+            (
+                "GET /{} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+                false,
+            ),
+            ("GET /{} HTTP/1.0\r\n\r\n", false),
+            ("GET /{} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n", true),
+        ] {
+            for suffix in ["", "-length"] {
+                let raw = |what: &str| {
+                    let mut raw = request.replace("{}", &format!("{what}{suffix}"));
+                    raw.push_str("GET /end HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+                    raw
+                };
+                let by_hyper = without_date(exchange(port, raw("bytes").as_bytes()));
+                let by_sendfile = without_date(exchange(port, raw("file").as_bytes()));
+                expected_sendfiles += 1;
+                assert!(by_hyper.contains(&content), "{request}: {by_hyper:.300}");
+                assert_eq!(by_hyper.ends_with("end"), keeps_alive, "{request}");
+                assert!(
+                    by_sendfile == by_hyper,
+                    "{request}{suffix}:\n{by_sendfile:.300}\nvs hyper's\n{by_hyper:.300}"
+                );
+                let stats = shared.stats.snapshot();
+                assert_eq!(stats.sendfile_responses, expected_sendfiles);
+                assert_eq!(
+                    stats.sendfile_bytes,
+                    expected_sendfiles * content.len() as u64
+                );
+            }
+        }
+        // HEAD: headers only, as hyper sends them.
+        let head = |what: &str| {
+            without_date(exchange(
+                port,
+                format!("HEAD /{what} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+            ))
+        };
+        assert_eq!(head("file"), head("bytes"));
+        assert!(head("file").ends_with("\r\n\r\n"));
+        assert_eq!(
+            shared.stats.snapshot().sendfile_responses,
+            expected_sendfiles
+        );
+        stop_server(server, shared, consumer);
     }
 
     #[test]

@@ -102,6 +102,10 @@ pub struct Counters {
     pub queue_wait: Histogram,
     connections_open: [AtomicU64; PROTOCOLS.len()],
     connections_total: [AtomicU64; PROTOCOLS.len()],
+    /// Responses whose body went out with sendfile(2) (`crate::sendfile`),
+    /// and the body bytes it sent.
+    sendfile_responses: AtomicU64,
+    sendfile_bytes: AtomicU64,
 }
 
 impl Counters {
@@ -137,6 +141,16 @@ impl Counters {
         self.duration.observe(took);
     }
 
+    /// A response's body is going out with sendfile(2).
+    pub fn sendfile_started(&self) {
+        self.sendfile_responses.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// sendfile(2) sent `n` more body bytes.
+    pub fn sendfile_sent(&self, n: usize) {
+        self.sendfile_bytes.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
     /// Counts a connection of `protocol` (an index into [`PROTOCOLS`]) as
     /// open until the guard drops.
     pub fn connection_opened(&self, protocol: usize) -> OpenConnection<'_> {
@@ -162,6 +176,8 @@ impl Counters {
             queue_wait: self.queue_wait.snapshot(),
             connections_open: std::array::from_fn(|i| load(&self.connections_open[i])),
             connections_total: std::array::from_fn(|i| load(&self.connections_total[i])),
+            sendfile_responses: load(&self.sendfile_responses),
+            sendfile_bytes: load(&self.sendfile_bytes),
         }
     }
 }
@@ -209,6 +225,8 @@ pub struct Snapshot {
     pub queue_wait: HistogramSnapshot,
     pub connections_open: [u64; PROTOCOLS.len()],
     pub connections_total: [u64; PROTOCOLS.len()],
+    pub sendfile_responses: u64,
+    pub sendfile_bytes: u64,
 }
 
 impl Snapshot {
@@ -253,6 +271,8 @@ impl Snapshot {
         {
             *n += m;
         }
+        self.sendfile_responses += other.sendfile_responses;
+        self.sendfile_bytes += other.sendfile_bytes;
     }
 
     /// Puma's single-mode `/stats` JSON (`started_at` first, then the
@@ -332,6 +352,10 @@ impl StatsPage {
         for (n, m) in self.connections_total.iter().zip(other.connections_total) {
             n.fetch_add(m, Ordering::Relaxed);
         }
+        self.sendfile_responses
+            .fetch_add(other.sendfile_responses, Ordering::Relaxed);
+        self.sendfile_bytes
+            .fetch_add(other.sendfile_bytes, Ordering::Relaxed);
     }
 }
 
@@ -415,6 +439,8 @@ mod tests {
         dead.set_pool(5, 1, 3, 10);
         dead.response_finished(200, Duration::from_millis(1));
         let _open = dead.connection_opened(0);
+        dead.sendfile_started();
+        dead.sendfile_sent(1000);
         let totals = StatsPage::new(false).unwrap();
         totals.absorb(&dead.snapshot());
         totals.absorb(&dead.snapshot());
@@ -423,6 +449,11 @@ mod tests {
         assert_eq!(sum.responses[1], 2);
         assert_eq!(sum.duration.count, 2);
         assert_eq!(sum.connections_total[0], 2);
+        assert_eq!((sum.sendfile_responses, sum.sendfile_bytes), (2, 2000));
+        let mut added = Snapshot::default();
+        added.add(&dead.snapshot());
+        added.add_counters(&dead.snapshot());
+        assert_eq!((added.sendfile_responses, added.sendfile_bytes), (2, 2000));
         assert_eq!(
             (sum.backlog, sum.connections_open[0], sum.max_threads),
             (0, 0, 0)

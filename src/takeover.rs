@@ -1,8 +1,8 @@
 //! Taking an HTTP/1.x connection back from hyper in the middle of a request.
 //!
-//! Full and partial `rack.hijack` need the connection itself, and so will a
+//! Full and partial `rack.hijack` need the connection itself, and so does a
 //! response written outside hyper (a file sent with sendfile(2), then HTTP
-//! again on the same connection). All of them go through here:
+//! again on the same connection, `sendfile`). All of them go through here:
 //!
 //! 1. each request of an HTTP/1.x connection gets a `TakeoverHandle` (it
 //!    travels to the Ruby thread in `RequestData`); its request is "open"
@@ -33,11 +33,12 @@ use std::io;
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use http::{HeaderMap, StatusCode, Version};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, Interest};
 use tokio::sync::Notify;
 
 /// A connection's stream as a takeover gets it, whatever its type (plain TCP
@@ -53,6 +54,45 @@ pub trait ConnectionStream: AsyncRead + AsyncWrite + Unpin + Send + 'static {
 
     /// For `connection::serve` to get its own stream type back on `Resume`.
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send>;
+
+    /// One write of the caller's own to the plain socket (sendfile(2)),
+    /// made once tokio reports it writable; a `WouldBlock` from `write`
+    /// clears that readiness and waits for the next. `Unsupported` when this
+    /// stream is not a plain socket.
+    fn poll_write_socket(
+        &self,
+        _cx: &mut Context<'_>,
+        _write: &mut dyn FnMut(BorrowedFd<'_>) -> io::Result<usize>,
+    ) -> Poll<io::Result<usize>> {
+        Poll::Ready(Err(io::ErrorKind::Unsupported.into()))
+    }
+}
+
+/// `poll_write_socket` for tokio's plain sockets, which have the same
+/// readiness methods but no trait for them.
+macro_rules! poll_write_socket {
+    () => {
+        fn poll_write_socket(
+            &self,
+            cx: &mut Context<'_>,
+            write: &mut dyn FnMut(BorrowedFd<'_>) -> io::Result<usize>,
+        ) -> Poll<io::Result<usize>> {
+            loop {
+                ready!(self.poll_write_ready(cx))?;
+                match self.try_io(Interest::WRITABLE, || write(self.as_fd())) {
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                        ) =>
+                    {
+                        continue
+                    }
+                    done => return Poll::Ready(done),
+                }
+            }
+        }
+    };
 }
 
 /// What kind of socket a handed-over descriptor is (the Ruby class it gets).
@@ -88,6 +128,7 @@ impl ConnectionStream for tokio::net::TcpStream {
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
         self
     }
+    poll_write_socket!();
 }
 
 impl ConnectionStream for tokio::net::UnixStream {
@@ -105,6 +146,7 @@ impl ConnectionStream for tokio::net::UnixStream {
     fn into_any(self: Box<Self>) -> Box<dyn Any + Send> {
         self
     }
+    poll_write_socket!();
 }
 
 impl<S> ConnectionStream for Box<tokio_rustls::server::TlsStream<S>>
@@ -171,9 +213,8 @@ pub type JobFuture = Pin<Box<dyn Future<Output = AfterTakeover> + Send>>;
 /// What a request does with its connection once hyper lets go of it. Runs
 /// on the connection's own task.
 ///
-/// The seam for a response written outside hyper (sendfile): a job that
-/// writes the head through `taken.stream`, sends the file with sendfile(2)
-/// on `taken.stream.socket()` (falling back to writes under TLS), and
+/// A response written outside hyper is one (`sendfile::SendFile`): it
+/// writes the head and the file with `taken.stream.poll_write_socket`, and
 /// returns `AfterTakeover::Resume(taken)` so that HTTP goes on.
 pub trait TakeoverJob: Send + 'static {
     fn run(self: Box<Self>, taken: Taken) -> JobFuture;
@@ -345,12 +386,22 @@ impl TakeoverHandle {
     /// is handed back when the response is on its way, the connection was
     /// already taken over, or the connection is gone.
     pub fn take_over(&self, job: Box<dyn TakeoverJob>) -> Result<(), Box<dyn TakeoverJob>> {
+        self.offer(job, |job| job)
+    }
+
+    /// `take_over` for a job of a known type, handed back as that type
+    /// (whose contents the caller can then use otherwise).
+    pub fn take_over_typed<J: TakeoverJob>(&self, job: Box<J>) -> Result<(), Box<J>> {
+        self.offer(job, |job| job)
+    }
+
+    fn offer<J>(&self, job: J, queued: impl FnOnce(J) -> Box<dyn TakeoverJob>) -> Result<(), J> {
         {
             let mut state = self.point.lock();
             if state.open != self.id || state.job.is_some() {
                 return Err(job);
             }
-            state.job = Some(job);
+            state.job = Some(queued(job));
         }
         self.point.requested.notify_one();
         Ok(())
