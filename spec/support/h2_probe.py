@@ -5,6 +5,11 @@ prior knowledge to 127.0.0.1:PORT, so it can do what a well-behaved client
 library refuses to (and keeps reading after a GOAWAY). Runs one scenario and
 prints what it saw as one JSON object.
 
+Deadlines here only end a hang: every scenario stops as soon as it has seen
+what it waits for, so they are long (the machine may be loaded). A write the
+server no longer accepts (it closed after its GOAWAY) does not stop the
+reading: what the server sent before closing is still in our receive buffer.
+
   h2_probe.py stall PORT STREAMS SECONDS    window 0, STREAMS GETs, no WINDOW_UPDATE;
                                             `seconds`: until every stream ended
   h2_probe.py stall_mute PORT STREAMS SECONDS   the same, and no PING is ever answered
@@ -14,6 +19,11 @@ prints what it saw as one JSON object.
   h2_probe.py reset_flood PORT COUNT        COUNT HEADERS+RST_STREAM pairs at once
   h2_probe.py reset_then_idle PORT PATH SECONDS
                                             GET PATH, cancel it, wait for the close
+  h2_probe.py early_answer PORT PATH BYTES  a gRPC-style upload of BYTES that never ends
+                                            (no END_STREAM): the answer the server gives
+                                            while the client is still sending
+  h2_probe.py slow_then_fast PORT           GET /slow and GET /fast on one connection;
+                                            once /fast has ended, GET /release
 """
 import json
 import socket
@@ -39,12 +49,15 @@ class Probe:
         self.inbox = b""
         self.header_block = None  # (stream_id, bytes, end_stream) until END_HEADERS
         self.next_stream = 1
-        self.closed = False
+        self.closed = False  # the server's side ended (EOF or reset on read)
+        self.write_failed = False
         self.goaways = []
         self.resets = {}
         self.responses = {}
         self.ended = set()
         self.data_bytes = 0
+        self.bodies = {}
+        self.end_order = []
         self.ping_acks = 0
         self.settings_acks = 0
         self.outbox = [PREFACE, SettingsFrame(0, settings=settings or {}).serialize()]
@@ -54,19 +67,23 @@ class Probe:
         self.outbox.append(frame.serialize())
 
     def flush(self):
-        if self.outbox and not self.closed:
+        if self.outbox and not self.closed and not self.write_failed:
             try:
                 self.sock.sendall(b"".join(self.outbox))
             except OSError:
-                self.closed = True
+                self.write_failed = True
         self.outbox = []
 
     def get(self, path="/"):
+        return self.request("GET", path)
+
+    def request(self, method, path, headers=(), end_stream=True):
         stream_id = self.next_stream
         self.next_stream += 2
-        block = self.encoder.encode([(":method", "GET"), (":scheme", "http"),
-                                     (":authority", f"127.0.0.1:{self.port}"), (":path", path)])
-        self.send(HeadersFrame(stream_id, data=block, flags=["END_HEADERS", "END_STREAM"]))
+        block = self.encoder.encode([(":method", method), (":scheme", "http"),
+                                     (":authority", f"127.0.0.1:{self.port}"), (":path", path), *headers])
+        flags = ["END_HEADERS", "END_STREAM"] if end_stream else ["END_HEADERS"]
+        self.send(HeadersFrame(stream_id, data=block, flags=flags))
         return stream_id
 
     def pump(self, timeout):
@@ -107,10 +124,13 @@ class Probe:
                     self.responses[stream_id] = fields[":status"]
                 if end_stream:
                     self.ended.add(stream_id)
+                    self.end_order.append(stream_id)
         elif isinstance(frame, DataFrame):
             self.data_bytes += len(frame.data)
+            self.bodies[frame.stream_id] = self.bodies.get(frame.stream_id, b"") + frame.data
             if "END_STREAM" in frame.flags:
                 self.ended.add(frame.stream_id)
+                self.end_order.append(frame.stream_id)
         elif isinstance(frame, RstStreamFrame):
             self.resets[frame.stream_id] = frame.error_code
         elif isinstance(frame, GoAwayFrame):
@@ -147,26 +167,30 @@ def stall(port, streams, seconds, answer_pings=True):
             break
         probe.pump(0.2)
     finished_after = round(time.monotonic() - started, 2)
-    # Then watch what happens to the connection for a while.
-    watch_until = min(deadline, time.monotonic() + 5)
-    while time.monotonic() < watch_until and not probe.closed:
+    # Then watch the connection until the server closes it (or the deadline).
+    while time.monotonic() < deadline and not probe.closed:
         probe.pump(0.2)
     closed_after = round(time.monotonic() - started, 2) if probe.closed else None
     probe.report(seconds=finished_after, closed_after=closed_after)
 
 
+FLOOD_BATCH = 2_000  # twice the server's burst, in one write
+
+
 def flood(port, seconds, frame_for):
+    """Sends control frames in batches larger than the server's whole budget,
+    so that it is a flood however slowly this client runs."""
     probe = Probe(port)
     sent = 0
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not probe.closed and not probe.goaways:
-        for _ in range(100):
+    while time.monotonic() < deadline and not probe.closed and not probe.write_failed and not probe.goaways:
+        for _ in range(FLOOD_BATCH):
             probe.send(frame_for(sent))
             sent += 1
         probe.flush()
         probe.pump(0.05)
     # Read what is still on its way (the GOAWAY, the close).
-    drain_until = time.monotonic() + 5
+    drain_until = time.monotonic() + seconds
     while not probe.closed and time.monotonic() < drain_until:
         probe.pump(0.2)
     probe.report(sent=sent)
@@ -180,7 +204,7 @@ def polite(port):
         probe.send(SettingsFrame(0, settings={SettingsFrame.MAX_CONCURRENT_STREAMS: 100}))
     stream_id = probe.get("/")
     probe.flush()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not probe.closed and stream_id not in probe.ended:
         probe.pump(0.2)
     probe.report(status=probe.responses.get(stream_id))
@@ -192,7 +216,7 @@ def reset_flood(port, count):
         stream_id = probe.get("/")
         probe.send(RstStreamFrame(stream_id, error_code=CANCEL))
     probe.flush()
-    deadline = time.monotonic() + 10
+    deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not probe.closed and not probe.goaways:
         probe.pump(0.2)
     probe.report()
@@ -211,6 +235,34 @@ def reset_then_idle(port, path, seconds):
     probe.report(closed_after=round(time.monotonic() - started, 2))
 
 
+def early_answer(port, path, size):
+    probe = Probe(port)
+    stream_id = probe.request("PUT", path, [("content-type", "application/grpc")], end_stream=False)
+    probe.send(DataFrame(stream_id, data=b"x" * size))
+    probe.flush()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not probe.closed and stream_id not in probe.resets:
+        probe.pump(0.2)
+    probe.report(status=probe.responses.get(stream_id), body=probe.bodies.get(stream_id, b"").decode(),
+                 response_ended=stream_id in probe.ended, reset=probe.resets.get(stream_id))
+
+
+def slow_then_fast(port):
+    probe = Probe(port)
+    paths = {probe.get("/slow"): "/slow", probe.get("/fast"): "/fast"}
+    probe.flush()
+    deadline = time.monotonic() + 60
+    released = False
+    while time.monotonic() < deadline and not probe.closed and len(probe.ended) < 3:
+        if not released and "/fast" in (paths[i] for i in probe.ended):
+            paths[probe.get("/release")] = "/release"
+            probe.flush()
+            released = True
+        probe.pump(0.2)
+    probe.report(end_order=[paths[i] for i in probe.end_order],
+                 bodies={paths[i]: body.decode() for i, body in probe.bodies.items()})
+
+
 def main(argv):
     scenario, port = argv[1], int(argv[2])
     if scenario == "stall":
@@ -227,6 +279,10 @@ def main(argv):
         reset_flood(port, int(argv[3]))
     elif scenario == "reset_then_idle":
         reset_then_idle(port, argv[3], float(argv[4]))
+    elif scenario == "early_answer":
+        early_answer(port, argv[3], int(argv[4]))
+    elif scenario == "slow_then_fast":
+        slow_then_fast(port)
     else:
         sys.exit(f"unknown scenario {scenario}")
 
