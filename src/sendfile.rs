@@ -103,7 +103,7 @@ fn has_token(value: &HeaderValue, token: &str) -> bool {
 /// and `connection: keep-alive` when HTTP/1.0 stays open; the app's
 /// `content-length` (checked equal to the file's) is written once where the
 /// app put it, or one is added; then `date`, unless the app gave one.
-pub fn http1_head(
+pub fn file_response_head(
     version: Version,
     status: StatusCode,
     headers: &HeaderMap,
@@ -123,15 +123,7 @@ pub fn http1_head(
     }
 
     let mut out = BytesMut::with_capacity(128 + headers.len() * 32);
-    out.extend_from_slice(if version == Version::HTTP_10 {
-        b"HTTP/1.0 "
-    } else {
-        b"HTTP/1.1 "
-    });
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.extend_from_slice(b" ");
-    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    crate::takeover::status_line(&mut out, version, status);
     let mut line = |name: &str, values: &mut dyn Iterator<Item = &[u8]>| {
         out.extend_from_slice(name.as_bytes());
         out.extend_from_slice(b": ");
@@ -228,7 +220,7 @@ impl SendFile {
             return AfterTakeover::Released;
         };
         let written = parts.extensions.remove::<WrittenNotice>();
-        let (head, keep_alive) = http1_head(
+        let (head, keep_alive) = file_response_head(
             version,
             parts.status,
             &parts.headers,
@@ -366,8 +358,7 @@ mod tests {
 
     #[test]
     fn only_whole_files_of_sendfile_size_answering_plain_requests_qualify() {
-        let mut file = tempfile::NamedTempFile::new().unwrap();
-        file.write_all(&vec![b'x'; SENDFILE_MIN as usize]).unwrap();
+        let file = temp_file(&vec![b'x'; SENDFILE_MIN as usize]);
         let response = |status: u16, pairs: &[(&'static str, &'static str)]| {
             let mut response =
                 Response::new(ResponseBody::File(FileBody::open(file.path()).unwrap()));
@@ -383,10 +374,7 @@ mod tests {
         )));
         assert!(!wants_sendfile(&response(200, &[("trailer", "x-sum")])));
         assert!(!wants_sendfile(&response(304, &[])));
-        let mut small = tempfile::NamedTempFile::new().unwrap();
-        small
-            .write_all(&vec![b'x'; SENDFILE_MIN as usize - 1])
-            .unwrap();
+        let small = temp_file(&vec![b'x'; SENDFILE_MIN as usize - 1]);
         let small = Response::new(ResponseBody::File(FileBody::open(small.path()).unwrap()));
         assert!(!wants_sendfile(&small), "small files stay with hyper");
         assert!(!wants_sendfile(&Response::new(ResponseBody::Empty)));
@@ -410,7 +398,8 @@ mod tests {
             ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
         ]);
         let text = |version, headers: &HeaderMap, keep_alive| {
-            let (head, keeps) = http1_head(version, StatusCode::OK, headers, 42, keep_alive);
+            let (head, keeps) =
+                file_response_head(version, StatusCode::OK, headers, 42, keep_alive);
             (String::from_utf8(head.to_vec()).unwrap(), keeps)
         };
         assert_eq!(
@@ -462,7 +451,7 @@ mod tests {
             head.contains("\r\nconnection: close\r\ncontent-length: 42\r\n") && !keeps,
             "the app's close closes: {head}"
         );
-        let (head, _) = http1_head(
+        let (head, _) = file_response_head(
             Version::HTTP_11,
             StatusCode::from_u16(299).unwrap(),
             &HeaderMap::new(),
@@ -487,8 +476,31 @@ mod tests {
         (taken, client)
     }
 
-    fn file_response(path: &std::path::Path) -> Response<ResponseBody> {
-        Response::new(ResponseBody::File(FileBody::open(path).unwrap()))
+    /// A temporary file holding `content`.
+    fn temp_file(content: &[u8]) -> tempfile::NamedTempFile {
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(content).unwrap();
+        file
+    }
+
+    /// A job sending `path` (opened now) to an HTTP/1.1 request, recorded in
+    /// `stats`, and the wait for its written notice.
+    fn sendfile_job(
+        path: &std::path::Path,
+        request_keep_alive: bool,
+        stats: &Arc<StatsPage>,
+    ) -> (Box<SendFile>, crate::written::WrittenWait) {
+        let (notice, written) = crate::written::channel();
+        let mut response = Response::new(ResponseBody::File(FileBody::open(path).unwrap()));
+        response.extensions_mut().insert(notice);
+        let job = SendFile::new(
+            Version::HTTP_11,
+            request_keep_alive,
+            response,
+            exchange(stats),
+            stats.clone(),
+        );
+        (job, written)
     }
 
     fn exchange(stats: &Arc<StatsPage>) -> Exchange {
@@ -506,20 +518,10 @@ mod tests {
 
     #[tokio::test]
     async fn the_file_follows_the_head_and_http_resumes_with_the_bytes_read_ahead() {
-        let mut file = tempfile::NamedTempFile::new().unwrap();
         let content: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
-        file.write_all(&content).unwrap();
+        let file = temp_file(&content);
         let stats = Arc::new(StatsPage::new(false).unwrap());
-        let (notice, written) = crate::written::channel();
-        let mut response = file_response(file.path());
-        response.extensions_mut().insert(notice);
-        let job = SendFile::new(
-            Version::HTTP_11,
-            true,
-            response,
-            exchange(&stats),
-            stats.clone(),
-        );
+        let (job, written) = sendfile_job(file.path(), true, &stats);
         let (taken, mut client) = tcp_taken(Duration::from_secs(10)).await;
         let reading = tokio::spawn(async move {
             // The head, the file, and nothing more before the connection
@@ -557,20 +559,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_client_that_stops_reading_is_dropped_after_write_timeout() {
-        let mut file = tempfile::NamedTempFile::new().unwrap();
         // Far more than the socket buffers on both sides hold.
-        file.write_all(&vec![b'x'; 64 << 20]).unwrap();
+        let file = temp_file(&vec![b'x'; 64 << 20]);
         let stats = Arc::new(StatsPage::new(false).unwrap());
-        let (notice, written) = crate::written::channel();
-        let mut response = file_response(file.path());
-        response.extensions_mut().insert(notice);
-        let job = SendFile::new(
-            Version::HTTP_11,
-            true,
-            response,
-            exchange(&stats),
-            stats.clone(),
-        );
+        let (job, written) = sendfile_job(file.path(), true, &stats);
         let (taken, _client) = tcp_taken(Duration::from_millis(300)).await;
         let outcome = tokio::time::timeout(Duration::from_secs(60), job.run(taken))
             .await
@@ -582,18 +574,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_file_that_shrinks_ends_the_connection_and_closing_requests_close() {
-        let mut file = tempfile::NamedTempFile::new().unwrap();
-        file.write_all(&vec![b'y'; 1 << 20]).unwrap();
+        let file = temp_file(&vec![b'y'; 1 << 20]);
         let stats = Arc::new(StatsPage::new(false).unwrap());
-        let response = file_response(file.path());
+        let (job, _) = sendfile_job(file.path(), true, &stats);
         file.as_file().set_len(1000).unwrap();
-        let job = SendFile::new(
-            Version::HTTP_11,
-            true,
-            response,
-            exchange(&stats),
-            stats.clone(),
-        );
         let (taken, mut client) = tcp_taken(Duration::from_secs(10)).await;
         assert!(matches!(job.run(taken).await, AfterTakeover::Released));
         let mut got = Vec::new();
@@ -601,15 +585,8 @@ mod tests {
         assert!(got.ends_with(&[b'y'; 1000]) && !got.ends_with(&[b'y'; 1001]));
 
         // Whole, but the request asked to close: FIN after the file.
-        let mut file = tempfile::NamedTempFile::new().unwrap();
-        file.write_all(&vec![b'z'; 100_000]).unwrap();
-        let job = SendFile::new(
-            Version::HTTP_11,
-            false,
-            file_response(file.path()),
-            exchange(&stats),
-            stats.clone(),
-        );
+        let file = temp_file(&vec![b'z'; 100_000]);
+        let (job, _) = sendfile_job(file.path(), false, &stats);
         let (taken, mut client) = tcp_taken(Duration::from_secs(10)).await;
         let reading = tokio::spawn(async move {
             let mut got = Vec::new();

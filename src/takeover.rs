@@ -409,21 +409,13 @@ impl TakeoverHandle {
 }
 
 /// An HTTP/1.x response head as hyper would write it, for a response
-/// written outside hyper (partial hijack; sendfile). The status line uses
-/// the request's version (HTTP/1.0 for an HTTP/1.0 request); a `date` field
-/// is added when the app gave none. No framing field is added: the writer
+/// written outside hyper (partial hijack, a streamed body): the status line
+/// (`status_line`), then the app's fields, and a `date` field when the app
+/// gave none. No framing field is added: the writer
 /// owns the body.
 pub fn http1_head(version: Version, status: StatusCode, headers: &HeaderMap) -> Bytes {
     let mut out = BytesMut::with_capacity(128 + headers.len() * 32);
-    out.extend_from_slice(if version == Version::HTTP_10 {
-        b"HTTP/1.0 "
-    } else {
-        b"HTTP/1.1 "
-    });
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.extend_from_slice(b" ");
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
+    status_line(&mut out, version, status);
     for (name, value) in headers {
         out.extend_from_slice(name.as_str().as_bytes());
         out.extend_from_slice(b": ");
@@ -437,6 +429,21 @@ pub fn http1_head(version: Version, status: StatusCode, headers: &HeaderMap) -> 
     }
     out.extend_from_slice(b"\r\n");
     out.freeze()
+}
+
+/// `HTTP/1.x CODE REASON\r\n` as hyper writes it: the request's version
+/// (HTTP/1.0 for an HTTP/1.0 request) and the canonical reason, or hyper's
+/// `<none>` for a code without one.
+pub fn status_line(out: &mut BytesMut, version: Version, status: StatusCode) {
+    out.extend_from_slice(if version == Version::HTTP_10 {
+        b"HTTP/1.0 "
+    } else {
+        b"HTTP/1.1 "
+    });
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(status.canonical_reason().unwrap_or("<none>").as_bytes());
+    out.extend_from_slice(b"\r\n");
 }
 
 #[cfg(test)]
@@ -537,5 +544,13 @@ mod tests {
         assert!(text.ends_with(" GMT\r\n\r\n"), "{text}");
         let head = http1_head(Version::HTTP_10, StatusCode::OK, &HeaderMap::new());
         assert!(head.starts_with(b"HTTP/1.0 200 OK\r\n"));
+        // A code without a reason reads as hyper writes it for a response
+        // it frames itself.
+        let head = http1_head(
+            Version::HTTP_11,
+            StatusCode::from_u16(299).unwrap(),
+            &HeaderMap::new(),
+        );
+        assert!(head.starts_with(b"HTTP/1.1 299 <none>\r\n"), "{head:?}");
     }
 }
