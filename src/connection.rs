@@ -10,7 +10,7 @@
 //!   progress, which also frees a Ruby thread streaming to it;
 //! - on stop, HTTP/2 gets hyper's graceful shutdown (GOAWAY) at once. An
 //!   HTTP/1.1 connection gets `DRAIN_GRACE` first: a request that arrives in
-//!   it is answered with `connection: close` (see server.rs), so a busy
+//!   it is answered with `connection: close` (see request_service.rs), so a busy
 //!   keep-alive client learns of the stop from a response instead of from a
 //!   close racing its next request; then hyper's graceful shutdown closes it
 //!   once idle, after the request in flight if there is one.

@@ -28,6 +28,7 @@ pub mod metrics;
 pub mod proxy_protocol;
 pub mod remote_address;
 pub mod request;
+pub mod request_service;
 pub mod response;
 pub mod sendfile;
 pub mod server;

@@ -7,7 +7,7 @@
 //! - `stream`: one exchange: the app's response, its head, its body within
 //!   the client's flow-control windows;
 //! - `recv_body`: a request body as an `http_body::Body`, so request handling
-//!   (server.rs) is shared with HTTP/1.1;
+//!   (request_service.rs) is shared with HTTP/1.1;
 //! - `control_budget`: GOAWAY for a client that floods PING, SETTINGS and
 //!   other frames without request work, counted by `frame_scanner` as h2
 //!   reads them;

@@ -348,7 +348,7 @@ mod tests {
     type Recorded = Pin<Box<dyn Future<Output = Exchanged> + Send>>;
 
     /// Wraps a handler so each stream's response carries an exchange
-    /// recorded in `stats`, as server.rs does.
+    /// recorded in `stats`, as request_service.rs does for HTTP/1.1.
     fn recorded<H, F>(
         stats: Arc<StatsPage>,
         mut handler: H,
