@@ -517,9 +517,13 @@ mod tests {
         echo_server_with(endpoints, ServerOptions::default())
     }
 
-    fn echo_server_with(
+    /// Starts a server on `endpoints` whose "app" is `app`, called with each
+    /// job on one plain thread standing in for Ruby's, until the queue
+    /// closes (`stop_server`).
+    fn app_server(
         endpoints: Vec<Endpoint>,
         options: ServerOptions,
+        mut app: impl FnMut(Job) + Send + 'static,
     ) -> (Server, Arc<Shared>, std::thread::JoinHandle<()>) {
         let shared = Shared::new(options, None);
         let server = Server::start(endpoints, shared.clone()).unwrap();
@@ -529,30 +533,38 @@ mod tests {
                 let flag = AtomicBool::new(false);
                 let consumer = shared.queue.consumer();
                 while let Pop::Job(job) = shared.queue.pop(&consumer, &flag) {
-                    if let (Some(hints), "/hints") =
-                        (&job.request.early_hints, job.request.head.uri.path())
-                    {
-                        let mut fields = http::HeaderMap::new();
-                        fields.insert("link", http::HeaderValue::from_static("</a.css>"));
-                        hints.send(fields);
-                    }
-                    let text = format!(
-                        "{} {} {} {}:{}",
-                        job.request.head.method,
-                        job.request.head.uri,
-                        job.request.body.known_len().unwrap_or_default(),
-                        job.request.server.scheme,
-                        job.request.server.port,
-                    );
-                    let _ = job.reply.send(AppResponse::new(
-                        StatusCode::OK,
-                        Default::default(),
-                        ResponseBody::from_chunks(vec![Bytes::from(text)]),
-                    ));
+                    app(job);
                 }
             })
         };
         (server, shared, consumer)
+    }
+
+    fn echo_server_with(
+        endpoints: Vec<Endpoint>,
+        options: ServerOptions,
+    ) -> (Server, Arc<Shared>, std::thread::JoinHandle<()>) {
+        app_server(endpoints, options, |job| {
+            if let (Some(hints), "/hints") = (&job.request.early_hints, job.request.head.uri.path())
+            {
+                let mut fields = http::HeaderMap::new();
+                fields.insert("link", http::HeaderValue::from_static("</a.css>"));
+                hints.send(fields);
+            }
+            let text = format!(
+                "{} {} {} {}:{}",
+                job.request.head.method,
+                job.request.head.uri,
+                job.request.body.known_len().unwrap_or_default(),
+                job.request.server.scheme,
+                job.request.server.port,
+            );
+            let _ = job.reply.send(AppResponse::new(
+                StatusCode::OK,
+                Default::default(),
+                ResponseBody::from_chunks(vec![Bytes::from(text)]),
+            ));
+        })
     }
 
     fn echo_server() -> (Server, Arc<Shared>, u16, std::thread::JoinHandle<()>) {
@@ -815,51 +827,42 @@ mod tests {
         options: ServerOptions,
     ) -> (Server, Arc<Shared>, u16, std::thread::JoinHandle<()>) {
         let (endpoint, port) = plain_endpoint();
-        let shared = Shared::new(options, None);
-        let server = Server::start(vec![endpoint], shared.clone()).unwrap();
-        let consumer = {
-            let shared = shared.clone();
+        let (server, shared, consumer) = app_server(vec![endpoint], options, |job| {
+            if job.request.head.uri.path() == "/outside" {
+                // Answered outside hyper, which then goes on.
+                let takeover = job.request.takeover.clone().unwrap();
+                takeover.take_over(Box::new(AnswerOutsideHyper)).unwrap();
+                return;
+            }
+            let Some(takeover) = (job.request.head.uri.path() == "/hijack")
+                .then_some(job.request.takeover.clone())
+                .flatten()
+            else {
+                let _ = job.reply.send(AppResponse::new(
+                    StatusCode::OK,
+                    Default::default(),
+                    ResponseBody::from_chunks(vec![Bytes::from_static(b"plain")]),
+                ));
+                return;
+            };
+            let (hand_over, socket) = crate::hijack::HandOver::new(Bytes::new());
+            takeover.take_over(hand_over).unwrap();
+            let handed = socket.blocking_recv().unwrap().unwrap();
+            // The reply is dropped unsent, as Ruby's would be.
+            drop(job);
             std::thread::spawn(move || {
-                let flag = AtomicBool::new(false);
-                let consumer = shared.queue.consumer();
-                while let Pop::Job(job) = shared.queue.pop(&consumer, &flag) {
-                    if job.request.head.uri.path() == "/outside" {
-                        // Answered outside hyper, which then goes on.
-                        let takeover = job.request.takeover.clone().unwrap();
-                        takeover.take_over(Box::new(AnswerOutsideHyper)).unwrap();
-                        continue;
-                    }
-                    let Some(takeover) = (job.request.head.uri.path() == "/hijack")
-                        .then_some(job.request.takeover.clone())
-                        .flatten()
-                    else {
-                        let _ = job.reply.send(AppResponse::new(
-                            StatusCode::OK,
-                            Default::default(),
-                            ResponseBody::from_chunks(vec![Bytes::from_static(b"plain")]),
-                        ));
-                        continue;
-                    };
-                    let (hand_over, socket) = crate::hijack::HandOver::new(Bytes::new());
-                    takeover.take_over(hand_over).unwrap();
-                    let handed = socket.blocking_recv().unwrap().unwrap();
-                    // The reply is dropped unsent, as Ruby's would be.
-                    drop(job);
-                    std::thread::spawn(move || {
-                        let mut app = std::os::unix::net::UnixStream::from(handed.fd);
-                        app.set_nonblocking(false).unwrap();
-                        let _ = app.write_all(format!("{:?}:", handed.kind).as_bytes());
-                        let mut line = Vec::new();
-                        let mut byte = [0u8; 1];
-                        while app.read_exact(&mut byte).is_ok() && byte[0] != b'\n' {
-                            line.push(byte[0]);
-                        }
-                        let answer = format!("got {}", String::from_utf8_lossy(&line));
-                        let _ = app.write_all(answer.as_bytes());
-                    });
+                let mut app = std::os::unix::net::UnixStream::from(handed.fd);
+                app.set_nonblocking(false).unwrap();
+                let _ = app.write_all(format!("{:?}:", handed.kind).as_bytes());
+                let mut line = Vec::new();
+                let mut byte = [0u8; 1];
+                while app.read_exact(&mut byte).is_ok() && byte[0] != b'\n' {
+                    line.push(byte[0]);
                 }
-            })
-        };
+                let answer = format!("got {}", String::from_utf8_lossy(&line));
+                let _ = app.write_all(answer.as_bytes());
+            });
+        });
         (server, shared, port, consumer)
     }
 
@@ -990,36 +993,28 @@ mod tests {
         path: std::path::PathBuf,
     ) -> (Server, Arc<Shared>, u16, std::thread::JoinHandle<()>) {
         let (endpoint, port) = plain_endpoint();
-        let shared = Shared::new(ServerOptions::default(), None);
-        let server = Server::start(vec![endpoint], shared.clone()).unwrap();
-        let consumer = {
-            let shared = shared.clone();
-            std::thread::spawn(move || {
-                let flag = AtomicBool::new(false);
-                let consumer = shared.queue.consumer();
-                let content = Bytes::from(std::fs::read(&path).unwrap());
-                while let Pop::Job(job) = shared.queue.pop(&consumer, &flag) {
-                    let target = job.request.head.uri.path().to_owned();
-                    let mut headers = http::HeaderMap::new();
-                    headers.insert("content-type", http::HeaderValue::from_static("text/plain"));
-                    headers.append("x-multi", http::HeaderValue::from_static("a"));
-                    headers.append("x-multi", http::HeaderValue::from_static("b"));
-                    if target.ends_with("-length") {
-                        headers.insert("content-length", http::HeaderValue::from(content.len()));
-                    }
-                    let body = if target.starts_with("/file") {
-                        ResponseBody::File(crate::file_body::FileBody::open(&path).unwrap())
-                    } else if target.starts_with("/bytes") {
-                        ResponseBody::from_chunks(vec![content.clone()])
-                    } else {
-                        ResponseBody::from_chunks(vec![Bytes::from_static(b"end")])
-                    };
-                    let _ = job
-                        .reply
-                        .send(AppResponse::new(StatusCode::OK, headers, body));
+        let content = Bytes::from(std::fs::read(&path).unwrap());
+        let (server, shared, consumer) =
+            app_server(vec![endpoint], ServerOptions::default(), move |job| {
+                let target = job.request.head.uri.path().to_owned();
+                let mut headers = http::HeaderMap::new();
+                headers.insert("content-type", http::HeaderValue::from_static("text/plain"));
+                headers.append("x-multi", http::HeaderValue::from_static("a"));
+                headers.append("x-multi", http::HeaderValue::from_static("b"));
+                if target.ends_with("-length") {
+                    headers.insert("content-length", http::HeaderValue::from(content.len()));
                 }
-            })
-        };
+                let body = if target.starts_with("/file") {
+                    ResponseBody::File(crate::file_body::FileBody::open(&path).unwrap())
+                } else if target.starts_with("/bytes") {
+                    ResponseBody::from_chunks(vec![content.clone()])
+                } else {
+                    ResponseBody::from_chunks(vec![Bytes::from_static(b"end")])
+                };
+                let _ = job
+                    .reply
+                    .send(AppResponse::new(StatusCode::OK, headers, body));
+            });
         (server, shared, port, consumer)
     }
 
