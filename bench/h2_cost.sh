@@ -11,14 +11,13 @@
 # Each checkout must have its extension built (rake compile). Env: ROUNDS=3,
 # N=100000 requests per measurement, SHARED=../shared (from this checkout).
 set -euo pipefail
+. "$(dirname "$(readlink -f "$0")")/lib.sh" # free_port, wait_port (before any cd: $0 may be relative)
 base=$(readlink -f "${1:?usage: bench/h2_cost.sh BASE_CHECKOUT [THIS_CHECKOUT]}")
 this=$(readlink -f "${2:-$(dirname "$0")/..}")
 cd "$this"
 shared=${SHARED:-../shared}
 rackup=$(readlink -f "$shared/bench/apps/hello.ru") || { echo "no $shared/bench/apps/hello.ru; set SHARED"; exit 1; }
 ROUNDS=${ROUNDS:-3}; N=${N:-100000}
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 300); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 ticks() { awk '{print $14 + $15}' "$1"; } # utime + stime of a /proc stat file
 io_stat() { for t in /proc/"$1"/task/*; do [ "$(cat "$t/comm")" = hyperion-io ] && echo "$t/stat"; done; return 0; }
 pid=""

@@ -11,21 +11,18 @@
 #
 #   bench/thread_cpu.sh 5 sinatra.ru [NAME=VALUE ...]
 set -euo pipefail
+. "$(dirname "$(readlink -f "$0")")/lib.sh" # free_port, wait_port (before any cd: $0 may be relative)
 threads=${1:?usage: bench/thread_cpu.sh THREADS APP [NAME=VALUE ...]}
 app=${2:?usage: bench/thread_cpu.sh THREADS APP [NAME=VALUE ...]}
 shift 2
 cd "$(dirname "$0")/.."
 shared=${SHARED:-../shared}
 tmp=$(mktemp -d)
-port=$(python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])')
+port=$(free_port)
 env "$@" bin/hyperion -t "$threads" -b 127.0.0.1 -p "$port" "$shared/bench/apps/$app" >"$tmp/server.log" 2>&1 &
 pid=$!
 trap 'kill "$pid" 2>/dev/null; wait "$pid" 2>/dev/null; rm -rf "$tmp"' EXIT
-for _ in $(seq 300); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-  kill -0 "$pid" 2>/dev/null || { cat "$tmp/server.log" >&2; exit 1; }
-  sleep 0.2
-done
+wait_port "$port" "$pid" || { cat "$tmp/server.log" >&2; exit 1; }
 wrk -t1 -c50 -d3s "http://127.0.0.1:$port/" >/dev/null
 
 # tid comm cpu_ticks minor_faults voluntary involuntary

@@ -8,6 +8,7 @@
 #
 #   bench/tls_h2.sh            env: DURATION=10 (s)  CONNS=50  H2_REQUESTS=200000
 set -euo pipefail
+. "$(dirname "$(readlink -f "$0")")/lib.sh" # free_port, wait_port (before any cd: $0 may be relative)
 cd "$(dirname "$0")/.."
 shared=${SHARED:-../shared}
 DURATION=${DURATION:-10}; CONNS=${CONNS:-50}; H2_REQUESTS=${H2_REQUESTS:-200000}
@@ -18,8 +19,6 @@ trap cleanup EXIT
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 -subj /CN=localhost \
   -keyout "$tmp/key.pem" -out "$tmp/cert.pem" 2>/dev/null
 
-free_port() { python3 -c 'import socket;s=socket.socket();s.bind(("127.0.0.1",0));print(s.getsockname()[1])'; }
-wait_port() { for _ in $(seq 1 300); do (exec 3<>/dev/tcp/127.0.0.1/"$1") 2>/dev/null && return 0; sleep 0.1; done; return 1; }
 start() { # name port cmd...
   local name=$1 port=$2; shift 2
   "$@" >"$tmp/$name.log" 2>&1 & pids+=($!)
