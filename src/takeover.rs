@@ -411,8 +411,7 @@ impl TakeoverHandle {
 /// An HTTP/1.x response head as hyper would write it, for a response
 /// written outside hyper (partial hijack, a streamed body): the status line
 /// (`status_line`), then the app's fields, and a `date` field when the app
-/// gave none. No framing field is added: the writer
-/// owns the body.
+/// gave none. No framing field is added: the writer owns the body.
 pub fn http1_head(version: Version, status: StatusCode, headers: &HeaderMap) -> Bytes {
     let mut out = BytesMut::with_capacity(128 + headers.len() * 32);
     status_line(&mut out, version, status);
